@@ -36,13 +36,13 @@ def test_home() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_weights():
-    from wruntime.weights import load_architecture_weights
+    from wruntime.catalog import load_architecture_weights
 
     return load_architecture_weights("tiny.en")
 
 
 @pytest.fixture(scope="session")
 def base_weights():
-    from wruntime.weights import load_architecture_weights
+    from wruntime.catalog import load_architecture_weights
 
     return load_architecture_weights("base")
