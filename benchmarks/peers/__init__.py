@@ -1,0 +1,1 @@
+"""Peers (openai-whisper, faster-whisper) run side by side with wruntime, and their tooling."""
