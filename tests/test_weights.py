@@ -196,3 +196,189 @@ def test_unknown_format(tmp_path):
         load_weights(tmp_path / "nope")
     with pytest.raises(WeightsError, match="holds no Whisper weights"):
         load_weights(tmp_path)
+
+
+# --- Hugging Face safetensors -------------------------------------------------------------------
+
+_HF_LAYER = {
+    "attn.query": "self_attn.q_proj",
+    "attn.key": "self_attn.k_proj",
+    "attn.value": "self_attn.v_proj",
+    "attn.out": "self_attn.out_proj",
+    "attn_ln": "self_attn_layer_norm",
+    "cross_attn.query": "encoder_attn.q_proj",
+    "cross_attn.key": "encoder_attn.k_proj",
+    "cross_attn.value": "encoder_attn.v_proj",
+    "cross_attn.out": "encoder_attn.out_proj",
+    "cross_attn_ln": "encoder_attn_layer_norm",
+    "mlp.0": "fc1",
+    "mlp.2": "fc2",
+    "mlp_ln": "final_layer_norm",
+}
+_HF_TOP = {
+    "encoder.conv1": "encoder.conv1",
+    "encoder.conv2": "encoder.conv2",
+    "encoder.ln_post": "encoder.layer_norm",
+    "decoder.ln": "decoder.layer_norm",
+    "decoder.token_embedding": "decoder.embed_tokens",
+    "encoder.positional_embedding": "encoder.embed_positions",
+    "decoder.positional_embedding": "decoder.embed_positions",
+}
+
+
+def _to_hf_name(name: str) -> str:
+    """openai-whisper name -> transformers WhisperForConditionalGeneration name (test-side)."""
+    parts = name.split(".")
+    if parts[1] == "blocks":
+        side, index, kind = parts[0], parts[2], parts[-1]
+        module = ".".join(parts[3:-1])
+        return f"model.{side}.layers.{index}.{_HF_LAYER[module]}.{kind}"
+    if name.endswith("positional_embedding"):
+        return f"model.{_HF_TOP[name]}.weight"
+    return f"model.{_HF_TOP['.'.join(parts[:-1])]}.{parts[-1]}"
+
+
+def _write_hf_dir(weights, directory: Path, shards: int = 1) -> None:
+    import json
+
+    from safetensors.numpy import save_file
+
+    d = weights.dims
+    tensors = {_to_hf_name(k): v for k, v in weights.params.items()}
+    tensors["proj_out.weight"] = weights["decoder.token_embedding.weight"]
+    config = {
+        "architectures": ["WhisperForConditionalGeneration"],
+        "num_mel_bins": d.n_mels,
+        "max_source_positions": d.n_audio_ctx,
+        "d_model": d.n_audio_state,
+        "encoder_attention_heads": d.n_audio_head,
+        "encoder_layers": d.n_audio_layer,
+        "vocab_size": d.n_vocab,
+        "max_target_positions": d.n_text_ctx,
+        "decoder_attention_heads": d.n_text_head,
+        "decoder_layers": d.n_text_layer,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"alignment_heads": weights.alignment_heads.tolist()})
+    )
+    for name, path in weights.tokenizer_files.items():
+        shutil.copy(path, directory / name)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = names[i::shards]
+        save_file({n: tensors[n] for n in chunk}, str(directory / shard))
+        weight_map.update(dict.fromkeys(chunk, shard))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _assert_same(a, b) -> None:
+    assert a.dims == b.dims
+    assert set(a.params) == set(b.params)
+    for k in a.params:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(a.alignment_heads, b.alignment_heads)
+
+
+def test_safetensors_round_trip_of_real_tiny_en(tiny_weights, tmp_path):
+    _write_hf_dir(tiny_weights, tmp_path / "hf")
+    w = load_weights(tmp_path / "hf")
+    _assert_same(w, tiny_weights)
+    assert set(w.tokenizer_files) >= {"tokenizer.json", "vocabulary.txt"}
+    # The file itself is accepted too.
+    assert load_weights(tmp_path / "hf" / "model.safetensors").dims == tiny_weights.dims
+
+
+def test_sharded_safetensors(tiny_weights, tmp_path):
+    _write_hf_dir(tiny_weights, tmp_path / "hf", shards=3)
+    _assert_same(load_weights(tmp_path / "hf"), tiny_weights)
+    (tmp_path / "hf" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model-00002-of-00003\.safetensors, which is missing"):
+        load_weights(tmp_path / "hf")
+
+
+def test_safetensors_bfloat16(tmp_path):
+    """numpy has no bfloat16: such tensors are read from their raw bytes."""
+    import json
+    import struct
+
+    from wruntime.weights.hf_safetensors import read_safetensors
+
+    values = np.array([1.0, -2.5, 3.140625], dtype=np.float32)
+    raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    header = json.dumps({"x": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw)
+    np.testing.assert_array_equal(read_safetensors([path])["x"], values)
+
+
+def test_safetensors_damaged(tiny_weights, tmp_path):
+    _write_hf_dir(tiny_weights, tmp_path / "hf")
+    st = tmp_path / "hf" / "model.safetensors"
+    os.truncate(st, os.path.getsize(st) - 1000)
+    with pytest.raises(WeightsError, match=r"model\.safetensors is not a readable safetensors"):
+        load_weights(tmp_path / "hf")
+    _write_hf_dir(tiny_weights, tmp_path / "hf2")
+    (tmp_path / "hf2" / "config.json").unlink()
+    with pytest.raises(WeightsError, match=r"no config\.json"):
+        load_weights(tmp_path / "hf2")
+
+
+# --- OpenAI .pt ---------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_openai_pt_fixture_equals_torch_values():
+    """A checkpoint written by real torch.save from a real openai-whisper model."""
+    w = load_weights(FIXTURES / "whisper_tiny_random.pt")
+    ref = np.load(FIXTURES / "whisper_tiny_random.npz")
+    assert w.dims.n_audio_state == 16 and w.dims.n_vocab == 40 and w.dims.n_text_layer == 2
+    assert set(w.params) == set(ref.files)
+    for k in ref.files:
+        np.testing.assert_array_equal(w[k], ref[k], err_msg=k)
+    # No heads in the file: openai-whisper's fallback (upper half of the decoder), or the catalog's.
+    assert w.alignment_heads.tolist() == [[1, 0], [1, 1]]
+    given = np.array([[0, 0]])
+    heads = load_weights(FIXTURES / "whisper_tiny_random.pt", default_alignment_heads=given)
+    assert heads.alignment_heads.tolist() == [[0, 0]]
+
+
+def test_openai_pt_bfloat16_and_alignment_mask():
+    w = load_weights(FIXTURES / "whisper_heads_bf16.pt")
+    ref = np.load(FIXTURES / "whisper_tiny_random.npz")
+    for k in ref.files:
+        np.testing.assert_allclose(w[k], ref[k], rtol=2**-7, atol=1e-6, err_msg=k)
+    assert w.alignment_heads.tolist() == [[0, 1]]
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = Path("/tmp/wruntime-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(WeightsError, match=r"refused: its pickle names the global posix\.system"):
+        load_weights(FIXTURES / "malicious.pt")
+    assert not marker.exists()
+
+
+def test_damaged_pt(tmp_path):
+    copy = tmp_path / "model.pt"
+    shutil.copy(FIXTURES / "whisper_tiny_random.pt", copy)
+    os.truncate(copy, os.path.getsize(copy) // 2)
+    with pytest.raises(WeightsError, match=r"model\.pt"):
+        load_weights(copy)
+
+
+def test_openai_pt_of_real_tiny_en(tiny_weights, test_home):
+    path = test_home / "fixtures" / "tiny.en.pt"
+    if not path.exists():
+        pytest.skip("run tests/fixtures/make_pt_fixtures.py with the reference venv to make it")
+    # OpenAI checkpoints carry no alignment heads: the catalog passes its default.
+    _assert_same(
+        load_weights(path, default_alignment_heads=tiny_weights.alignment_heads), tiny_weights
+    )
