@@ -1,0 +1,276 @@
+"""Compile one MIL function, once, into a flat list of prepared kernel calls over slots.
+
+At load time every op is resolved to its kernel (attributes bound), every weight
+is materialised once as fp32 (including the `constexpr_*` decompression ops), ops
+whose inputs are all constant are folded, and every variable gets an integer
+slot in a list, freed after its last use. A run is then one loop of
+`env[out] = fn(*[env[i] for i in ins])` with no look-ups by name; an op the
+interpreter cannot run is refused here, by name, never in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wruntime.errors import ExecutorError
+from wruntime.executors.interpreter.fp16 import is_float, round_fp16
+from wruntime.executors.interpreter.kernels import KERNELS, STATEFUL_OPS, Args
+
+# Ops that only move or select values: rounding their output to fp16 again is a
+# no-op, so fp16 emulation skips it.
+_DATA_MOVEMENT = frozenset(
+    {
+        "reshape",
+        "transpose",
+        "expand_dims",
+        "squeeze",
+        "identity",
+        "slice_by_index",
+        "slice_by_size",
+        "gather",
+        "gather_along_axis",
+        "gather_nd",
+        "concat",
+        "split",
+        "stack",
+        "tile",
+        "read_state",
+        "coreml_update_state",
+        "shape",
+        "select",
+        "band_part",
+        "pad",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One prepared kernel call: where its inputs are, where its outputs go, what dies."""
+
+    fn: Callable[..., Any]
+    ins: tuple[int, ...]
+    outs: tuple[int, ...]
+    free: tuple[int, ...]
+    round_fp16: bool
+    op_type: str
+    op_name: str
+
+
+@dataclass
+class Plan:
+    """A compiled function: the initial slot list (constants filled in) and the steps."""
+
+    function: str
+    template: list[Any]
+    steps: list[Step]
+    input_slots: dict[str, int]
+    state_slots: dict[str, int]
+    output_slots: list[tuple[str, int]]
+    fp16_emulation: bool = False
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    def run(self, feeds: dict[int, Any]) -> list[Any]:
+        """Execute the steps; `feeds` maps input and state slots to their values."""
+        env = self.template.copy()
+        for slot, value in feeds.items():
+            env[slot] = value
+        step = None
+        try:
+            for step in self.steps:
+                result = step.fn(*[env[i] for i in step.ins])
+                outs = step.outs
+                if len(outs) == 1:
+                    if step.round_fp16 and is_float(result):
+                        result = round_fp16(result)
+                    env[outs[0]] = result
+                elif outs:
+                    for slot, value in zip(outs, result, strict=True):
+                        env[slot] = (
+                            round_fp16(value) if step.round_fp16 and is_float(value) else value
+                        )
+                for slot in step.free:
+                    env[slot] = None
+        except ExecutorError:
+            raise
+        except (ValueError, IndexError, TypeError, FloatingPointError) as exc:
+            where = f"op '{step.op_type}' (named '{step.op_name}')" if step else "the program"
+            raise ExecutorError(
+                f"The interpreter failed in {where} of function {self.function}: {exc}"
+            ) from exc
+        return [env[slot] for _, slot in self.output_slots]
+
+
+def _as_runtime(value: Any) -> Any:
+    """A constant as the runtime handles it: floats in fp32, ints in int32, strings as str."""
+    if isinstance(value, (str, bytes)):
+        return value
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize > 4:
+        return arr.astype(np.int32)
+    if arr.dtype.kind in "US":
+        return str(arr.reshape(()))
+    return arr
+
+
+def _materialize(op: Any, function: str) -> list[Any]:
+    """The values of a const or constexpr_* op, decompressed once."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if op.op_type == "const":
+                values = [op.outputs[0].val]
+            else:
+                values = op.materialized_val_inference()
+                values = list(values) if isinstance(values, tuple) else [values]
+    except Exception as exc:
+        raise ExecutorError(
+            f"op '{op.op_type}' (named '{op.name}', in function {function}) could not be "
+            f"materialised by the interpreter: {exc}"
+        ) from exc
+    if len(values) != len(op.outputs) or any(v is None for v in values):
+        raise ExecutorError(
+            f"op '{op.op_type}' (named '{op.name}', in function {function}) has no constant value."
+        )
+    return [_as_runtime(v) for v in values]
+
+
+def check_supported(function: Any, name: str) -> None:
+    """Refuse, by name, the first op the interpreter has no kernel for."""
+    for op in function.operations:
+        kind = op.op_type
+        if op.blocks:
+            raise ExecutorError(
+                f"op '{kind}' (in function {name}) is not supported by the interpreter "
+                "(control flow with nested blocks)."
+            )
+        if kind == "const" or kind.startswith("constexpr_") or kind in KERNELS:
+            continue
+        raise ExecutorError(
+            f"op '{kind}' (in function {name}) is not supported by the interpreter."
+        )
+
+
+def _is_state(var: Any) -> bool:
+    from coremltools.converters.mil.mil import types
+
+    return types.is_state(var.sym_type)
+
+
+def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> Plan:
+    """Plan function `name` of a loaded MIL program."""
+    if name not in program.functions:
+        have = ", ".join(sorted(program.functions))
+        raise ExecutorError(f"The package has no function '{name}' (it has: {have}).")
+    function = program.functions[name]
+    check_supported(function, name)
+
+    known: dict[int, Any] = {}  # id(var) -> plan-time value
+    slots: dict[int, int] = {}
+    n_slots = 0
+
+    def slot_of(var: Any) -> int:
+        nonlocal n_slots
+        key = id(var)
+        if key not in slots:
+            slots[key] = n_slots
+            n_slots += 1
+        return slots[key]
+
+    input_slots: dict[str, int] = {}
+    state_slots: dict[str, int] = {}
+    for input_name, var in function.inputs.items():
+        if _is_state(var):
+            state_slots[input_name] = slot_of(var)
+        else:
+            input_slots[input_name] = slot_of(var)
+
+    def known_value(var: Any) -> Any:
+        return known.get(id(var))
+
+    raw_steps: list[tuple[Callable[..., Any], list[Any], list[Any], Any]] = []
+    op_counts: dict[str, int] = {}
+    for op in function.operations:
+        kind = op.op_type
+        op_counts[kind] = op_counts.get(kind, 0) + 1
+        if kind == "const" or kind.startswith("constexpr_"):
+            for var, value in zip(op.outputs, _materialize(op, name), strict=True):
+                if fp16_emulation and is_float(value):
+                    value = round_fp16(value)
+                known[id(var)] = value
+            continue
+        fn, in_vars = KERNELS[kind](Args(op, known_value, name))
+        if kind not in STATEFUL_OPS and in_vars and all(id(v) in known for v in in_vars):
+            # Constant folding: nothing here depends on the inputs of a run.
+            try:
+                result = fn(*[known[id(v)] for v in in_vars])
+            except Exception as exc:
+                raise ExecutorError(
+                    f"op '{kind}' (named '{op.name}', in function {name}) failed on its "
+                    f"constant inputs: {exc}"
+                ) from exc
+            results = [result] if len(op.outputs) == 1 else list(result)
+            for var, value in zip(op.outputs, results, strict=True):
+                if fp16_emulation and is_float(value):
+                    value = round_fp16(value)
+                known[id(var)] = value
+            continue
+        raw_steps.append((fn, in_vars, list(op.outputs), op))
+
+    output_vars = list(function.outputs)
+    # Slots: constants used at run time go into the template; the rest are filled by runs.
+    for _, in_vars, out_vars, _ in raw_steps:
+        for v in (*in_vars, *out_vars):
+            slot_of(v)
+    for v in output_vars:
+        slot_of(v)
+    template: list[Any] = [None] * n_slots
+    const_slots = set()
+    for key, value in known.items():
+        if key in slots:
+            template[slots[key]] = value
+            const_slots.add(slots[key])
+
+    # Liveness: free each run-time slot after the last step that reads it.
+    keep = {slots[id(v)] for v in output_vars} | const_slots | set(state_slots.values())
+    last_use: dict[int, int] = {}
+    for index, (_, in_vars, out_vars, _) in enumerate(raw_steps):
+        for v in (*in_vars, *out_vars):
+            last_use[slots[id(v)]] = index
+    frees: dict[int, list[int]] = {}
+    for slot, index in last_use.items():
+        if slot not in keep:
+            frees.setdefault(index, []).append(slot)
+
+    steps = []
+    for index, (fn, in_vars, out_vars, op) in enumerate(raw_steps):
+        rounds = fp16_emulation and op.op_type not in _DATA_MOVEMENT
+        steps.append(
+            Step(
+                fn=fn,
+                ins=tuple(slots[id(v)] for v in in_vars),
+                outs=tuple(slots[id(v)] for v in out_vars),
+                free=tuple(frees.get(index, ())),
+                round_fp16=rounds,
+                op_type=op.op_type,
+                op_name=op.name,
+            )
+        )
+    output_slots = [(v.name, slots[id(v)]) for v in output_vars]
+    return Plan(
+        function=name,
+        template=template,
+        steps=steps,
+        input_slots=input_slots,
+        state_slots=state_slots,
+        output_slots=output_slots,
+        fp16_emulation=fp16_emulation,
+        op_counts=op_counts,
+    )
