@@ -12,7 +12,7 @@ from typing import Any
 from wruntime.errors import ExecutorError
 from wruntime.executors.base import Executor
 
-EXECUTOR_KINDS = ("interpreter",)
+EXECUTOR_KINDS = ("interpreter", "coreml")
 
 
 def load_executor(
@@ -30,6 +30,10 @@ def load_executor(
         from wruntime.executors.interpreter import InterpreterModel
 
         return InterpreterModel(path, function_name=function_name, **options)
+    if kind == "coreml":  # options: compute_units, stage, factory, host (see executors/coreml.py)
+        from wruntime.executors.coreml import CoreMLExecutor
+
+        return CoreMLExecutor(path, function_name=function_name, **options)
     raise ExecutorError(f"Unknown executor '{kind}'; known executors: {', '.join(EXECUTOR_KINDS)}.")
 
 
