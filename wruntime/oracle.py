@@ -314,20 +314,26 @@ def default_eot(weights: WhisperWeights) -> int:
 
 def greedy_tokens(
     weights: WhisperWeights,
-    mel: ArrayLike,
+    mel: ArrayLike | None,
     prompt_tokens: ArrayLike,
     max_tokens: int = 224,
     eot: int | None = None,
+    audio_features: ArrayLike | None = None,
 ) -> list[int]:
     """Plain argmax decoding of one window, no logit filters: the reference for comparisons.
 
     Returns the generated tokens after the prompt, without the end token. Runs
     the prompt in one call, then one token per call through a full-length
-    (n_text_ctx) cache, the way the packaged decoder is driven.
+    (n_text_ctx) cache, the way the packaged decoder is driven. Pass
+    ``audio_features`` (from ``encode``) to skip the encoder; ``mel`` may then be None.
     """
     eot = default_eot(weights) if eot is None else eot
     dims = weights.dims
-    ck, cv = cross_kv(weights, encode(weights, mel))
+    if audio_features is None:
+        if mel is None:
+            raise ValueError("greedy_tokens needs mel or audio_features")
+        audio_features = encode(weights, mel)
+    ck, cv = cross_kv(weights, audio_features)
     prompt = np.asarray(prompt_tokens, dtype=np.int64).reshape(-1)
     n = dims.n_text_ctx
     k_cache = np.zeros((dims.n_text_layer, 1, dims.n_text_state, n), np.float32)
