@@ -170,18 +170,43 @@ def _blocks_from_array(
 
 
 def _fallback_decode(p: Path) -> tuple[np.ndarray, int]:
-    """Decode what libsndfile cannot through librosa/audioread: (channels, n) or (n,)."""
-    try:
-        import librosa
+    """Decode what libsndfile cannot: (channels, n) or (n,) float32, and the rate.
 
+    This is what `librosa.load` does for such files (audioread: ffmpeg,
+    GStreamer or Core Audio, whichever is installed), called directly because
+    importing librosa's loader costs seconds even when the file is not audio.
+    """
+    try:
         with warnings.catch_warnings():
-            # librosa warns that soundfile failed and that audioread is deprecated.
-            warnings.simplefilter("ignore")
-            audio, rate = librosa.load(str(p), sr=None, mono=False, dtype=np.float32)
+            # audioread's stdlib backend imports modules Python 3.11+ deprecates.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                import audioread
+            except ImportError:  # librosa plans to drop audioread; its loader then decides
+                return _librosa_decode(p)
+            with audioread.audio_open(str(p)) as f:
+                rate, channels = int(f.samplerate), int(f.channels)
+                chunks = [np.frombuffer(buf, dtype="<i2") for buf in f]
+    except AudioError:
+        raise
     except Exception as exc:  # audioread and its backends raise many unrelated types
         raise AudioError(
             f"{p} is not a readable audio file (neither libsndfile nor audioread could decode it)."
         ) from exc
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype="<i2")
+    if samples.size == 0 or channels <= 0:
+        raise AudioError(f"Audio file {p} has no samples (zero-length audio).")
+    audio = (samples.astype(np.float32) / 32768.0).reshape(-1, channels).T
+    return (audio[0] if channels == 1 else audio), rate
+
+
+def _librosa_decode(p: Path) -> tuple[np.ndarray, int]:
+    import librosa
+
+    with warnings.catch_warnings():
+        # librosa warns that soundfile failed and that audioread is deprecated.
+        warnings.simplefilter("ignore")
+        audio, rate = librosa.load(str(p), sr=None, mono=False, dtype=np.float32)
     if audio.size == 0:
         raise AudioError(f"Audio file {p} has no samples (zero-length audio).")
     return np.asarray(audio, dtype=np.float32), int(rate)
