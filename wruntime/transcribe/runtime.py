@@ -109,15 +109,20 @@ class ModelRuntime:
             build_options["weights"] = weights
         if build_progress is not None:
             build_options["progress"] = build_progress
-        return cls(
-            WhisperModel.open(
+        try:
+            opened = WhisperModel.open(
                 model,
                 executor=executor,
                 compute_units=compute_units,
                 fp16_emulation=fp16_emulation,
                 **build_options,
             )
-        )
+        except ImportError as e:
+            # A stage of the pipeline is missing from this installation.
+            raise WruntimeError(
+                f"Cannot open model {model}: part of the runtime is not installed ({e})."
+            ) from None
+        return cls(opened)
 
     @property
     def n_mels(self) -> int:

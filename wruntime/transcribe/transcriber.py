@@ -188,7 +188,7 @@ class TranscriptionStream:
         with self.timer.activate(), stage("text"):
             text = tok.decode([t for t in self._all_tokens[prompt_len:] if t < tok.eot])
         timings = self.timer.to_dict()
-        _derive_search(timings)
+        derive_search(timings)
         return TranscriptionResult(
             text=text,
             language=self.language,
@@ -340,7 +340,7 @@ class TranscriptionStream:
             self.options.progress(min(seek * HOP_LENGTH / SAMPLE_RATE, total), total)
 
 
-def _derive_search(timings: dict[str, dict[str, float | int]]) -> None:
+def derive_search(timings: dict[str, dict[str, float | int]]) -> None:
     """Search time = decoding time not spent inside decoder calls.
 
     The encoder runs once per window before decoding starts, so it is outside
