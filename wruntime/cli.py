@@ -207,7 +207,7 @@ def run_transcribe(
     try:
         from wruntime.transcribe import Transcriber
 
-        if not quiet:
+        if verbose:
             err.print(f"Loading model {model} (built on first use)...", markup=False)
         transcriber = Transcriber(
             model, executor=executor, compute_units=compute_units, weights=weights

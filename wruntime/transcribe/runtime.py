@@ -98,6 +98,14 @@ class ModelRuntime:
         fp16_emulation: bool | None = None,
         build_progress: Callable[..., Any] | None = None,
     ) -> ModelRuntime:
+        path = Path(model)
+        if not path.is_dir():
+            if os.sep in str(model) or str(model).startswith("."):
+                raise WruntimeError(f"{model} is not a built model directory.")
+            # An unknown name fails here, in one line, before anything is loaded.
+            from wruntime.catalog import resolve_model_name
+
+            resolve_model_name(str(model))
         try:
             from wruntime.model import WhisperModel
         except ImportError as e:
