@@ -30,14 +30,18 @@ from typing import Any
 
 import numpy as np
 
+from wruntime.build.interface import DECODER_FILE, STATEFUL_DECODER_FILE
 from wruntime.errors import ExecutorError
 from wruntime.executors.compiled_cache import CompiledModelCache, package_stem
 from wruntime.executors.compute_units import (
     DEFAULT_COMPUTE_UNITS,
+    EXPLICIT,
+    STATEFUL,
     ComputeUnits,
     Host,
     check_compute_units,
     check_deployment_target,
+    choose_decoder_variant,
     current_host,
     parse_compute_units,
     require_coreml,
@@ -130,6 +134,47 @@ def read_package_info(package: str | Path) -> PackageInfo:
     return PackageInfo(
         path, int(spec.specificationVersion), functions, default, bool(len(desc.functions))
     )
+
+
+def decoder_variant_for_directory(
+    model_dir: str | Path,
+    os_version: tuple[int, ...] | None,
+    manifest: Mapping[str, Any] | None = None,
+    prefer: str | None = None,
+) -> str:
+    """Which decoder a Mac on `os_version` should load from a built model directory.
+
+    Deployment targets come from the manifest when it records them, else from each package's
+    spec (the specification version Core ML itself checks). See `choose_decoder_variant`.
+    """
+    model_dir = Path(model_dir)
+    targets: dict[str, str | int] = {}
+    for variant, file in ((EXPLICIT, DECODER_FILE), (STATEFUL, STATEFUL_DECODER_FILE)):
+        declared = _manifest_target(manifest, file)
+        if declared is not None:
+            targets[variant] = declared
+        elif (model_dir / file).is_dir():
+            targets[variant] = read_package_info(model_dir / file).specification_version
+    return choose_decoder_variant(targets, os_version, prefer)
+
+
+def _manifest_target(manifest: Mapping[str, Any] | None, file: str) -> str | int | None:
+    """A package's deployment target as the manifest records it, if it does."""
+    if not manifest:
+        return None
+    packages = manifest.get("packages")
+    entry: Any = None
+    if isinstance(packages, Mapping):
+        entry = packages.get(file) or packages.get(package_stem(Path(file)))
+    elif isinstance(packages, list):
+        entry = next(
+            (p for p in packages if isinstance(p, Mapping) and p.get("file") == file), None
+        )
+    if isinstance(entry, Mapping):
+        for key in ("deployment_target", "target", "minimum_deployment_target"):
+            if entry.get(key) is not None:
+                return entry[key]
+    return None
 
 
 def stage_of(package: Path) -> str:
