@@ -6,6 +6,7 @@ openai-whisper's get_tokenizer (its bundled .tiktoken files).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 from pathlib import Path
@@ -173,7 +174,9 @@ def test_wrong_special_token_is_refused(tmp_path):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         get_tokenizer(tmp_path / "nowhere", multilingual=False)
-    with pytest.raises(WeightsError, match=r"No tokenizer\.json or vocabulary\.txt"):
+    with pytest.raises(
+        WeightsError, match=r"No tokenizer\.json, vocabulary\.json/\.txt or \.tiktoken file"
+    ):
         get_tokenizer(tmp_path, multilingual=False)
     (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(WeightsError, match=r"not a readable Hugging Face tokenizer\.json"):
@@ -187,3 +190,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_language_tables():
     assert list(LANGUAGES)[:3] == ["en", "zh", "de"] and len(LANGUAGES) == 100
     assert TO_LANGUAGE_CODE["mandarin"] == "zh" and TO_LANGUAGE_CODE["english"] == "en"
+
+
+def test_vocabulary_json_and_tiktoken_files(tmp_path):
+    # CTranslate2's newer converters write vocabulary.json; openai-whisper ships .tiktoken.
+    lines = (BASE_DIR / "vocabulary.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    (tmp_path / "vocabulary.json").write_text(json.dumps(lines), encoding="utf-8")
+    reference = get_tokenizer(BASE_DIR, multilingual=True)
+    from_list = get_tokenizer(tmp_path / "vocabulary.json", multilingual=True)
+    ranks = [reference.encoding.decode_single_token_bytes(i) for i in range(reference.eot)]
+    (tmp_path / "multilingual.tiktoken").write_text(
+        "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(ranks)),
+        encoding="ascii",
+    )
+    from_tiktoken = get_tokenizer(tmp_path / "multilingual.tiktoken", multilingual=True)
+    for tok in (from_list, from_tiktoken):
+        assert tok.n_vocab == reference.n_vocab and tok.no_speech == reference.no_speech
+        for sentence, ids in zip(FIXTURE["sentences"], FIXTURE["multilingual"]["ids"], strict=True):
+            assert tok.encode(sentence) == ids

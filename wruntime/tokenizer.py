@@ -2,13 +2,13 @@
 
 A weight directory (CTranslate2 or Hugging Face) ships `tokenizer.json` (a
 Hugging Face byte-level BPE: every byte is spelled as a printable unicode
-symbol, GPT-2 style) and/or `vocabulary.txt` (one such symbol string per line,
-line number = token id). Both list tokens in merge order, so a token's id is
-its BPE rank, which is exactly what tiktoken's `mergeable_ranks` wants: we
-turn the symbols back into bytes and hand tiktoken the vocabulary as is. For
-the two vocabularies Whisper uses (GPT-2 for English-only models, the
-multilingual one for the rest) this gives the very ranks openai-whisper ships
-as gpt2.tiktoken / multilingual.tiktoken.
+symbol, GPT-2 style) and/or `vocabulary.txt` / `vocabulary.json` (the same
+symbol strings in id order); openai-whisper's own `.tiktoken` files are read
+too. All list tokens in merge order, so a token's id is its BPE rank, which is
+exactly what tiktoken's `mergeable_ranks` wants: we turn the symbols back into
+bytes and hand tiktoken the vocabulary as is. For the two vocabularies Whisper
+uses (GPT-2 for English-only models, the multilingual one for the rest) this
+gives the very ranks openai-whisper ships as gpt2.tiktoken / multilingual.tiktoken.
 
 The special tokens follow the regular vocabulary in a fixed order:
 <|endoftext|>, <|startoftranscript|>, one token per language (99, or 100 from
@@ -21,6 +21,7 @@ fails loudly instead of decoding garbage.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import string
@@ -263,10 +264,13 @@ def _split_vocabulary(
     return ranks, specials
 
 
-def _read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[int, str]]:
+def _read_json(path: Path) -> tuple[dict[bytes, int], dict[int, str]]:
+    """tokenizer.json (Hugging Face), or vocabulary.json (CTranslate2: a list of tokens)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+        if isinstance(data, list) and all(isinstance(t, str) for t in data):
+            return _split_vocabulary(dict(enumerate(data)), path)
         model = data["model"]
         vocab: dict[str, int] = model["vocab"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -316,25 +320,53 @@ def _read_vocabulary_txt(path: Path) -> tuple[dict[bytes, int], dict[int, str]]:
     return _split_vocabulary(dict(enumerate(lines)), path)
 
 
+def _read_tiktoken(path: Path) -> tuple[dict[bytes, int], dict[int, str]]:
+    """openai-whisper's own format ("<base64 bytes> <rank>" per line); it lists no specials."""
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in path.read_text(encoding="ascii").splitlines():
+            if line:
+                token, _, rank = line.strip().rpartition(" ")  # the empty token may be ""
+                ranks[base64.b64decode(token)] = int(rank)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a readable .tiktoken vocabulary ({exc}).") from exc
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise WeightsError(f"{path} does not number its tokens 0..{len(ranks) - 1}.")
+    return ranks, {}
+
+
+# Best first: tokenizer.json lets us check the merge order too.
+_VOCABULARY_FILES = ("tokenizer.json", "vocabulary.json", "vocabulary.txt")
+
+
 def find_vocabulary_files(source: PathLike | Sequence[PathLike]) -> list[Path]:
-    """The vocabulary files to read, best first: tokenizer.json, then vocabulary.txt."""
+    """The vocabulary files to read, best first (tokenizer.json, vocabulary.json/.txt, .tiktoken)."""
     paths = [Path(source)] if isinstance(source, str | os.PathLike) else [Path(p) for p in source]
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found += [
-                p / name for name in ("tokenizer.json", "vocabulary.txt") if (p / name).is_file()
-            ]
+            found += [p / name for name in _VOCABULARY_FILES if (p / name).is_file()]
+            found += sorted(p.glob("*.tiktoken"))
         elif p.is_file():
             found.append(p)
         else:
             raise WeightsError(f"Tokenizer path {p} does not exist.")
-    usable = [p for p in found if p.name.endswith(".json") or p.suffix == ".txt"]
+    usable = [p for p in found if p.suffix in (".json", ".txt", ".tiktoken")]
     if not usable:
         raise WeightsError(
-            f"No tokenizer.json or vocabulary.txt found in {', '.join(map(str, paths))}."
+            f"No tokenizer.json, vocabulary.json/.txt or .tiktoken file found in "
+            f"{', '.join(map(str, paths))}."
         )
-    return sorted(usable, key=lambda p: 0 if p.suffix == ".json" else 1)
+    order = {".json": 0, ".txt": 1, ".tiktoken": 2}
+    return sorted(usable, key=lambda p: (order[p.suffix], p.name != "tokenizer.json"))
+
+
+def _read_vocabulary(path: Path) -> tuple[dict[bytes, int], dict[int, str]]:
+    if path.suffix == ".json":
+        return _read_json(path)
+    if path.suffix == ".tiktoken":
+        return _read_tiktoken(path)
+    return _read_vocabulary_txt(path)
 
 
 # ----------------------------------------------------------------------------
@@ -384,10 +416,7 @@ def build_encoding(
     if cached is not None:
         return cached
 
-    if path.suffix == ".json":
-        ranks, specials = _read_tokenizer_json(path)
-    else:
-        ranks, specials = _read_vocabulary_txt(path)
+    ranks, specials = _read_vocabulary(path)
     listed = _count_languages(specials)
     if num_languages is None:
         num_languages = listed if listed else 99
