@@ -282,3 +282,60 @@ def choose_decoder_variant(
         f"Every decoder in this model needs macOS {format_version(oldest)} or newer, but this Mac "
         f"runs macOS {format_version(os_version or ())}; build the model for an older target."
     )
+
+
+# --------------------------------------------------------------------------- optimization hints
+
+#: Core ML optimization hints (MLOptimizationHints, macOS 15): the key coremltools expects ->
+#: the values it accepts, as member names of ct.SpecializationStrategy / ct.ReshapeFrequency
+#: (None: a bool). coremltools validates them in models.model._verify_optimization_hint_input.
+_HINTS: Mapping[str, tuple[str, ...] | None] = {
+    "specializationStrategy": ("Default", "FastPrediction"),
+    "reshapeFrequency": ("Frequent", "Infrequent"),
+    "allowLowPrecisionAccumulationOnGPU": None,
+}
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[\s_\-]", "", text).lower()
+
+
+def parse_optimization_hints(
+    hints: Mapping[str, str | bool] | None, host: Host
+) -> dict[str, str | bool]:
+    """Normalize optimization hints to coremltools' keys and member names, checking the OS.
+
+    Accepts snake_case or camelCase keys and values ("specialization_strategy":
+    "fast_prediction"). Why these matter here: the decoder's input shape changes rarely
+    (B, 1) so "reshapeFrequency: Infrequent" lets Core ML specialize for it, and
+    "FastPrediction" trades a longer first load for lower latency; both are measurable
+    choices, so none is on by default.
+    """
+    if not hints:
+        return {}
+    if host.os_version and host.os_version < (15,):
+        raise ExecutorError(
+            f"Core ML optimization hints need macOS 15 or newer, but this Mac runs macOS "
+            f"{host.version_text}; drop the hints."
+        )
+    keys = {_squash(k): k for k in _HINTS}
+    out: dict[str, str | bool] = {}
+    for key, value in hints.items():
+        canonical = keys.get(_squash(str(key)))
+        if canonical is None:
+            raise ExecutorError(
+                f"Unknown optimization hint {key!r}; use {', '.join(_HINTS)} (or snake_case)."
+            )
+        allowed = _HINTS[canonical]
+        if allowed is None:
+            if not isinstance(value, bool):
+                raise ExecutorError(f"The optimization hint {canonical} takes true or false.")
+            out[canonical] = value
+            continue
+        match = next((a for a in allowed if _squash(a) == _squash(str(value))), None)
+        if match is None:
+            raise ExecutorError(
+                f"Unknown value {value!r} for {canonical}; use {' or '.join(allowed)}."
+            )
+        out[canonical] = match
+    return out

@@ -44,6 +44,7 @@ from wruntime.executors.compute_units import (
     choose_decoder_variant,
     current_host,
     parse_compute_units,
+    parse_optimization_hints,
     require_coreml,
 )
 from wruntime.executors.interpreter.loader import FeatureDesc, FunctionDesc
@@ -238,16 +239,37 @@ class CoreMLBackend:
 
     name = "coreml"
 
-    def __init__(self, cache_root: Path | None = None, *, use_cache: bool = True) -> None:
+    def __init__(
+        self,
+        cache_root: Path | None = None,
+        *,
+        use_cache: bool = True,
+        optimization_hints: Mapping[str, str | bool] | None = None,
+    ) -> None:
         self.cache_root = cache_root
         self.use_cache = use_cache
+        self.optimization_hints = dict(optimization_hints or {})
         self.last_load: LoadInfo | None = None
+
+    def _hints(self, request: LoadRequest) -> dict[str, Any] | None:
+        """coremltools wants enum members (ct.SpecializationStrategy.FastPrediction, ...)."""
+        import coremltools as ct
+
+        parsed = parse_optimization_hints(self.optimization_hints, request.host)
+        if not parsed:
+            return None  # an empty dict is fine too, but None skips the macOS 15 check
+        enums = {
+            "specializationStrategy": ct.SpecializationStrategy,
+            "reshapeFrequency": ct.ReshapeFrequency,
+        }
+        return {k: enums[k][v] if k in enums else v for k, v in parsed.items()}
 
     def __call__(self, request: LoadRequest) -> Any:
         import coremltools as ct
 
         require_coreml(request.host)
         units = ct.ComputeUnit[request.compute_units.name]
+        hints = self._hints(request)
         info = LoadInfo(backend=self.name, compute_units=request.compute_units)
         self.last_load = info
         cache = self._cache(request)
@@ -258,7 +280,10 @@ class CoreMLBackend:
             info.notes.append("compiled-model cache not writable; compiling on every load")
             started = time.perf_counter()
             model = ct.models.MLModel(
-                str(request.package), compute_units=units, function_name=request.function_name
+                str(request.package),
+                compute_units=units,
+                function_name=request.function_name,
+                optimization_hints=hints,
             )
             info.load_seconds = time.perf_counter() - started
             info.compiled = True
@@ -277,12 +302,14 @@ class CoreMLBackend:
             info.notes.append(f"removed {len(outcome.pruned)} stale compiled model(s)")
         started = time.perf_counter()
         try:
-            # CompiledMLModel(path: str, compute_units, function_name, optimization_hints):
-            # loads the .mlmodelc without recompiling. It raises (unlike MLModel) on failure.
-            # No optimization hints: they need macOS 15 and "specializationStrategy:
-            # FastPrediction" trades a longer first load for latency, a choice for the caller.
+            # CompiledMLModel(path: str, compute_units, function_name, optimization_hints)
+            # loads the .mlmodelc without recompiling; unlike MLModel it raises on failure.
+            # function_name None means the default function ("" to the framework).
             model = ct.models.CompiledMLModel(
-                str(outcome.path), compute_units=units, function_name=request.function_name
+                str(outcome.path),
+                compute_units=units,
+                function_name=request.function_name,
+                optimization_hints=hints,
             )
         except Exception as exc:
             raise ExecutorError(
