@@ -56,7 +56,9 @@ def layer_norm(x: F32, weight: F32, bias: F32, eps: float = LN_EPS) -> F32:
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     var = np.mean(centered * centered, axis=-1, keepdims=True)
-    return (centered / np.sqrt(var + np.float32(eps)) * weight + bias).astype(np.float32)
+    return (centered / np.sqrt(var + np.float32(eps)) * weight + bias).astype(
+        np.float32, copy=False
+    )
 
 
 def gelu(x: F32) -> F32:
@@ -121,9 +123,9 @@ def _attend(q: F32, k_cf: F32, v_cf: F32, n_head: int, mask: F32 | None) -> tupl
     scores = qh @ kh  # (..., H, T, S)
     if mask is not None:
         scores = scores + mask
-    weights = softmax(scores.astype(np.float32))
+    weights = softmax(scores.astype(np.float32, copy=False))
     out = weights @ np.swapaxes(vh, -1, -2)  # (..., H, T, d)
-    return _merge_heads(out).astype(np.float32), weights
+    return _merge_heads(out).astype(np.float32, copy=False), weights
 
 
 # ------------------------------------------------------------------ encoder
@@ -156,7 +158,7 @@ def encode(weights: WhisperWeights, mel: ArrayLike) -> F32:
 
     h = gelu(_conv1d_k3(x.T, weights["encoder.conv1.weight"], weights["encoder.conv1.bias"], 1))
     h = gelu(_conv1d_k3(h, weights["encoder.conv2.weight"], weights["encoder.conv2.bias"], 2))
-    h = (h + weights["encoder.positional_embedding"]).astype(np.float32)
+    h = (h + weights["encoder.positional_embedding"]).astype(np.float32, copy=False)
 
     for i in range(dims.n_audio_layer):
         p = f"encoder.blocks.{i}"
@@ -166,7 +168,7 @@ def encode(weights: WhisperWeights, mel: ArrayLike) -> F32:
         v = _linear(weights, f"{p}.attn.value", a).T
         out, _ = _attend(q, k, v, dims.n_audio_head, None)
         h = h + _linear(weights, f"{p}.attn.out", out)
-        h = (h + _mlp(weights, p, h)).astype(np.float32)
+        h = (h + _mlp(weights, p, h)).astype(np.float32, copy=False)
 
     return _ln(weights, "encoder.ln_post", h)
 
@@ -186,8 +188,8 @@ def cross_kv(weights: WhisperWeights, audio_features: ArrayLike) -> tuple[F32, F
         ks.append(_linear(weights, f"{p}.key", xa).T)
         vs.append(_linear(weights, f"{p}.value", xa).T)
     return (
-        np.stack(ks)[:, None].astype(np.float32),
-        np.stack(vs)[:, None].astype(np.float32),
+        np.stack(ks)[:, None].astype(np.float32, copy=False),
+        np.stack(vs)[:, None].astype(np.float32, copy=False),
     )
 
 
@@ -263,7 +265,7 @@ def decode(
         weights["decoder.token_embedding.weight"][tok]
         + weights["decoder.positional_embedding"][pos]
     )
-    x = x.astype(np.float32)  # (B, T, C)
+    x = x.astype(np.float32, copy=False)  # (B, T, C)
     k_new = np.empty((n_layer, b, c, t), np.float32)
     v_new = np.empty((n_layer, b, c, t), np.float32)
 
@@ -285,10 +287,10 @@ def decode(
         for row, head in align_index.get(i, []):
             alignment[:, row] = w_cross[:, head]
 
-        x = (x + _mlp(weights, p, x)).astype(np.float32)
+        x = (x + _mlp(weights, p, x)).astype(np.float32, copy=False)
 
     x = _ln(weights, "decoder.ln", x)
-    logits = (x @ weights["decoder.token_embedding.weight"].T).astype(np.float32)
+    logits = (x @ weights["decoder.token_embedding.weight"].T).astype(np.float32, copy=False)
     return DecoderOutput(logits, k_new, v_new, alignment)
 
 
