@@ -105,6 +105,8 @@ def _checked_path(path: PathLike) -> Path:
         raise AudioError(f"Audio file {path} does not exist.")
     if p.is_dir():
         raise AudioError(f"{path} is a directory, not an audio file.")
+    if not os.access(p, os.R_OK):
+        raise AudioError(f"Audio file {path} cannot be read (permission denied).")
     if p.stat().st_size == 0:
         raise AudioError(f"Audio file {path} is empty (0 bytes).")
     return p
@@ -150,8 +152,9 @@ def _blocks_from_file(
                     yield mono
                 pending = following
         except (sf.LibsndfileError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())  # libsndfile's text, kept to one line
             raise AudioError(
-                f"Audio file {path} is corrupt and could not be decoded ({exc})."
+                f"Audio file {path} is corrupt and could not be decoded ({reason})."
             ) from exc
         if total == 0:
             raise AudioError(f"Audio file {path} has no samples (zero-length audio).")
