@@ -85,7 +85,9 @@ def test_old_spellings_still_resolve(kind):
     _, tok = kind
     # The HF vocabularies say <|nocaptions|> and <|iw|>; both name the same ids.
     assert tok.special_tokens["<|nocaptions|>"] == tok.no_speech
-    assert tok.to_language_token("he") == tok.all_language_tokens[20]
+    assert (
+        tok.to_language_token("he") == tok.special_tokens["<|iw|>"] == tok.all_language_tokens[20]
+    )
 
 
 def test_decode_with_timestamps_format(kind):

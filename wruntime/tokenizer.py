@@ -166,7 +166,6 @@ _NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 # GPT-2's pre-tokenizer split (the ByteLevel pre-tokenizer's regex in tokenizer.json).
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-_NOSPEECH_NAMES = ("<|nospeech|>", "<|nocaptions|>")
 # Older vocabularies (the Hugging Face conversions) spell a few specials differently.
 _OLD_SPELLINGS = {"<|nospeech|>": "<|nocaptions|>", "<|he|>": "<|iw|>"}
 
@@ -410,6 +409,8 @@ def build_encoding(
 
     ranks, specials = _read_vocabulary(path)
     listed = _count_languages(specials)
+    if listed is not None and not 1 <= listed <= len(LANGUAGES):
+        raise WeightsError(f"{path} has {listed} language tokens; Whisper has 99 or 100.")
     if num_languages is None:
         num_languages = listed if listed else 99
     elif listed is not None and listed != num_languages:
@@ -458,9 +459,10 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = {
             name: encoding.encode_single_token(name) for name in encoding.special_tokens_set
         }
-        # Let either spelling of the no-speech token be looked up.
-        for alias in _NOSPEECH_NAMES:
-            self.special_tokens.setdefault(alias, self.special_tokens["<|nospeech|>"])
+        # Older vocabularies' spellings (<|nocaptions|>, <|iw|>) name the same ids.
+        for name, old in _OLD_SPELLINGS.items():
+            if name in self.special_tokens:
+                self.special_tokens.setdefault(old, self.special_tokens[name])
         if language is not None:
             self.to_language_token(language)  # fail now, not in the middle of decoding
         if task is not None and task not in TASKS:
