@@ -12,7 +12,8 @@ compute-unit and OS checks, and the compiled-model cache. Only the object that a
   function_name)`; falls back to `ct.models.MLModel(package, ...)` (which compiles to a
   temporary directory on every load) when the cache cannot be written.
 - `interpreter_backend` (any OS): the MIL interpreter on the very same package, so the Linux
-  suite drives this class end to end.
+  suite drives this class end to end (pass `factory=interpreter_backend`, or set
+  WRUNTIME_COREML_BACKEND=interpreter to route `--executor coreml` through it).
 
 A factory is any callable `(LoadRequest) -> backend` where the backend has `predict(inputs,
 state=None) -> dict` and `make_state()`, i.e. the shape of `coremltools.models.MLModel`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -357,6 +359,20 @@ class InterpreterBackend:
 
 interpreter_backend = InterpreterBackend()
 
+#: Set to "interpreter" to run the Core ML executor's code path with the MIL interpreter as its
+#: backend, on any OS (how the Linux suite transcribes "through Core ML"); default "coreml".
+BACKEND_ENV = "WRUNTIME_COREML_BACKEND"
+
+
+def default_backend_factory() -> BackendFactory:
+    """The backend `CoreMLExecutor` uses when given none: Core ML, unless BACKEND_ENV says."""
+    choice = os.environ.get(BACKEND_ENV, "coreml").strip().lower() or "coreml"
+    if choice == "coreml":
+        return CoreMLBackend()
+    if choice == "interpreter":
+        return interpreter_backend
+    raise ExecutorError(f"{BACKEND_ENV}={choice!r} is not a backend; use coreml or interpreter.")
+
 
 # --------------------------------------------------------------------------- the executor
 
@@ -416,6 +432,8 @@ class CoreMLExecutor:
             )
         self.host = host if host is not None else current_host()
         if factory is None:
+            factory = default_backend_factory()
+        if isinstance(factory, CoreMLBackend):
             require_coreml(self.host)  # before reading anything: the clearest error first
         self.info = info if info is not None else read_package_info(self.package)
         function_name = function_name or self.info.default_function
@@ -429,7 +447,7 @@ class CoreMLExecutor:
             check_deployment_target(self.package.name, self.info.specification_version, self.host)
             check_compute_units(self.compute_units, self.host, self.stage)
 
-        backend_factory = factory if factory is not None else CoreMLBackend()
+        backend_factory = factory
         request = LoadRequest(
             package=self.package,
             function_name=function_name if self.info.is_multifunction else None,
