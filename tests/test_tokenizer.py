@@ -7,6 +7,7 @@ openai-whisper's get_tokenizer (its bundled .tiktoken files).
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -51,6 +52,15 @@ def test_ids_equal_openai_whisper(kind):
     for sentence, expected in zip(FIXTURE["sentences"], FIXTURE[name]["ids"], strict=True):
         assert tok.encode(sentence) == expected, sentence
         assert tok.decode(expected) == sentence
+
+
+def test_every_token_has_openai_whisper_bytes(kind):
+    name, tok = kind
+    digest = hashlib.sha256()
+    for token_id in range(tok.eot):
+        token = tok.encoding.decode_single_token_bytes(token_id)
+        digest.update(len(token).to_bytes(2, "little") + token)
+    assert digest.hexdigest() == FIXTURE[name]["vocabulary_sha256"]
 
 
 def test_special_ids_equal_openai_whisper(kind):
