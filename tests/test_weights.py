@@ -382,3 +382,37 @@ def test_openai_pt_of_real_tiny_en(tiny_weights, test_home):
     _assert_same(
         load_weights(path, default_alignment_heads=tiny_weights.alignment_heads), tiny_weights
     )
+
+
+# --- Files written by the real tools (tests/fixtures/make_ct2_fixtures.py) ----------------------
+
+
+def _tiny_random_reference() -> dict[str, np.ndarray]:
+    ref = np.load(FIXTURES / "whisper_tiny_random.npz")
+    return {k: ref[k] for k in ref.files}
+
+
+def test_transformers_written_safetensors():
+    """save_pretrained's own names and layout, read back exactly."""
+    ref = _tiny_random_reference()
+    w = load_weights(FIXTURES / "hf_tiny_random")
+    assert w.dims.n_audio_state == 16 and w.dims.n_vocab == 40
+    assert set(w.params) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(w[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_ctranslate2_converter_output(kind):
+    """ctranslate2's converter at int8 (per-row scales) and bfloat16, read within its rounding."""
+    ref = _tiny_random_reference()
+    w = load_weights(FIXTURES / f"ct2_tiny_random_{kind}")
+    assert w.dims.n_text_layer == 2 and w.dims.n_text_head == 2
+    assert set(w.params) == set(ref)
+    for k, v in ref.items():
+        if kind == "bf16" or v.ndim == 1:
+            np.testing.assert_allclose(w[k], v, rtol=2**-7, atol=1e-6, err_msg=k)
+        else:  # int8: half a quantization step of the row's largest magnitude
+            rows = v.reshape(v.shape[0], -1)
+            step = np.abs(rows).max(axis=1, keepdims=True) / 127
+            assert np.all(np.abs(w[k].reshape(rows.shape) - rows) <= step * 0.51 + 1e-6), k

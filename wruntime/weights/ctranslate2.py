@@ -288,6 +288,9 @@ def _split_rows(
 
 def to_canonical(variables: dict[str, np.ndarray], where: str) -> tuple[ModelDims, dict]:
     """Map a WhisperSpec's variables to openai-whisper names; dims come from the tensors."""
+    # An alias is the same array object: tied without comparing 20M values.
+    projection = variables.get("decoder/projection/weight")
+    tied = projection is None or projection is variables.get("decoder/embeddings/weight")
     _dequantize(variables)
     conv1 = _get(variables, "encoder/conv1/weight", where)
     n_audio_state, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
@@ -341,8 +344,7 @@ def to_canonical(variables: dict[str, np.ndarray], where: str) -> tuple[ModelDim
         _ffn(p, variables, src, dst, where)
     _norm(p, variables, "decoder/layer_norm", "decoder.ln", where)
 
-    projection = variables.get("decoder/projection/weight")
-    if projection is not None and not np.array_equal(projection, embedding):
+    if not tied and not np.array_equal(variables["decoder/projection/weight"], embedding):
         # openai-whisper ties the output projection to the token embedding.
         raise WeightsError(f"{where} has an output projection not tied to the token embedding.")
     return dims, p
