@@ -237,6 +237,18 @@ def check_compute_units(units: ComputeUnits, host: Host, stage: str = "this stag
             )
 
 
+def default_compute_units(stage: str | None, host: Host) -> ComputeUnits:
+    """The stage's default, except that an Intel Mac's encoder goes to the GPU.
+
+    Asking for cpu_and_ne on a Mac without a Neural Engine is an error (see
+    `check_compute_units`), but not asking must still work there out of the box.
+    """
+    units = DEFAULT_COMPUTE_UNITS.get(stage or "", ComputeUnits.ALL)
+    if units is ComputeUnits.CPU_AND_NE and host.is_macos and not host.has_neural_engine:
+        return ComputeUnits.CPU_AND_GPU
+    return units
+
+
 # --------------------------------------------------------------------------- decoder variant
 
 EXPLICIT = "explicit"

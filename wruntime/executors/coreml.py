@@ -45,6 +45,7 @@ from wruntime.executors.compute_units import (
     check_deployment_target,
     choose_decoder_variant,
     current_host,
+    default_compute_units,
     parse_compute_units,
     parse_optimization_hints,
     require_coreml,
@@ -422,15 +423,15 @@ class CoreMLExecutor:
         # `package` may be the interpreter's already-read Package (load_executor allows it).
         self.package = Path(getattr(package, "path", package))
         self.stage = stage or stage_of(self.package)
-        if compute_units is None:
-            compute_units = DEFAULT_COMPUTE_UNITS.get(self.stage, ComputeUnits.ALL)
-        self.compute_units = parse_compute_units(compute_units)
         if fp16_emulation:
             raise ExecutorError(
                 "fp16 emulation is an interpreter option; Core ML computes in the package's own "
                 "precision, so drop it or use --executor interpreter."
             )
         self.host = host if host is not None else current_host()
+        if compute_units is None:
+            compute_units = default_compute_units(self.stage, self.host)
+        self.compute_units = parse_compute_units(compute_units)
         if factory is None:
             factory = default_backend_factory()
         if isinstance(factory, CoreMLBackend):
