@@ -176,6 +176,8 @@ def read_model_bin(paths: Sequence[Path]) -> tuple[str, int, dict[str, np.ndarra
         for i in range(count):
             name = r.string(f"the name of variable {i}")
             rank = r.u8(f"the header of {name}")
+            if rank > 8:  # Whisper's tensors have rank <= 3; garbage must not allocate
+                raise WeightsError(f"{r.name} is malformed: {name} has rank {rank}.")
             shape = tuple(r.u32(f"the header of {name}") for _ in range(rank))
             type_id = r.u8(f"the header of {name}")
             n_bytes = r.u32(f"the header of {name}")
