@@ -233,6 +233,19 @@ class LoadInfo:
     def total_seconds(self) -> float:
         return (self.compile_seconds or 0.0) + self.load_seconds
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for a profile report."""
+        return {
+            "backend": self.backend,
+            "compute_units": self.compute_units.name,
+            "load": "first" if self.compiled else "warm",
+            "compile_seconds": self.compile_seconds,
+            "load_seconds": self.load_seconds,
+            "first_load_seconds": self.first_load_seconds,
+            "compiled_path": str(self.compiled_path) if self.compiled_path else None,
+            "notes": list(self.notes),
+        }
+
 
 BackendFactory = Callable[[LoadRequest], Any]
 
