@@ -1,0 +1,182 @@
+"""ct.convert wrappers, and reading a saved package back (I/O description, op types).
+
+Kept in one place because coremltools has traps (see the project notes): a
+Program is mutated by ct.convert, so every conversion gets a fresh one; flexible
+dimensions must be given again through ``inputs=`` or they silently become
+(1, 2); the progress bars ct.convert prints are swallowed so the caller's own
+progress display stays readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import coremltools as ct
+from coremltools.converters.mil.mil import Program
+
+#: Deployment targets by the names the catalog and the manifest use.
+TARGETS = {"iOS16": ct.target.iOS16, "iOS17": ct.target.iOS17, "iOS18": ct.target.iOS18}
+
+_DTYPES = {65568: "fp32", 65552: "fp16", 131104: "int32", 131080: "int8"}
+
+
+def target_of(name: str | Any) -> Any:
+    """A ``ct.target`` from "iOS17"-style names (or a ct.target, returned as is)."""
+    if isinstance(name, str):
+        try:
+            return TARGETS[name]
+        except KeyError:
+            raise ValueError(f"unknown deployment target {name!r}") from None
+    return name
+
+
+def target_name(target: Any) -> str:
+    for name, value in TARGETS.items():
+        if value == target:
+            return name
+    raise ValueError(f"unknown deployment target {target!r}")
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Swallow coremltools' pass-pipeline progress bars (tqdm on stderr)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def convert(
+    program: Program,
+    *,
+    fp16: bool,
+    target: Any,
+    inputs: Sequence[ct.TensorType] | None = None,
+) -> ct.models.MLModel:
+    """Convert a freshly built MIL program to an ML program (not loaded: no runtime here)."""
+    precision = ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32
+    with quiet():
+        return ct.convert(
+            program,
+            convert_to="mlprogram",
+            compute_precision=precision,
+            minimum_deployment_target=target_of(target),
+            inputs=list(inputs) if inputs is not None else None,
+            skip_model_load=True,
+        )
+
+
+#: A step applied to a converted model before it is saved into the directory:
+#: (model, package role such as "encoder") -> model. Compression plugs in here.
+PackageStage = Callable[[ct.models.MLModel, str], ct.models.MLModel]
+
+
+def apply_stages(
+    model: ct.models.MLModel, role: str, stages: Sequence[PackageStage]
+) -> ct.models.MLModel:
+    for stage in stages:
+        model = stage(model, role)
+    return model
+
+
+def save_multifunction(
+    models: dict[str, ct.models.MLModel], dest: Path, default_function: str = "main"
+) -> None:
+    """Save several single-function models as one package whose functions share weights.
+
+    coremltools merges saved packages, so each model is saved to a scratch
+    directory first; identical weights are stored once in the result.
+    """
+    from coremltools.models.utils import MultiFunctionDescriptor
+    from coremltools.models.utils import save_multifunction as _save
+
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".mf-") as scratch:
+        desc = MultiFunctionDescriptor()
+        for fn, model in models.items():
+            path = Path(scratch) / f"{fn}.mlpackage"
+            model.save(str(path))
+            desc.add_function(str(path), src_function_name="main", target_function_name=fn)
+        desc.default_function_name = default_function
+        with quiet():
+            _save(desc, str(dest))
+    if not dest.exists():  # pragma: no cover - coremltools always writes or raises
+        shutil.rmtree(dest, ignore_errors=True)
+        raise RuntimeError(f"save_multifunction wrote nothing at {dest}")
+
+
+# ------------------------------------------------------------ reading back
+
+
+def _feature(feature: Any) -> dict[str, Any]:
+    """A spec FeatureDescription as {name, shape, dtype}; flexible dims as [lo, hi]."""
+    kind = feature.type.WhichOneof("Type")
+    if kind == "stateType":
+        arr = feature.type.stateType.arrayType
+    elif kind == "multiArrayType":
+        arr = feature.type.multiArrayType
+    else:  # pragma: no cover - the builder makes tensors only
+        return {"name": feature.name, "kind": kind}
+    shape: list[Any] = [int(s) for s in arr.shape]
+    ranges = arr.shapeRange.sizeRanges
+    if len(ranges) == len(shape):
+        shape = [
+            int(r.lowerBound)
+            if r.lowerBound == r.upperBound
+            else [int(r.lowerBound), int(r.upperBound)]
+            for r in ranges
+        ]
+    return {
+        "name": feature.name,
+        "shape": shape,
+        "dtype": _DTYPES.get(arr.dataType, str(arr.dataType)),
+    }
+
+
+def describe_package(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Each function's inputs, outputs and states, as saved in the package's spec."""
+    spec = ct.utils.load_spec(str(path))
+    desc = spec.description
+    functions = list(desc.functions) if len(desc.functions) else [desc]
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for fn in functions:
+        name = getattr(fn, "name", "") or "main"
+        out[name] = {
+            "inputs": [_feature(f) for f in fn.input],
+            "outputs": [_feature(f) for f in fn.output],
+            "states": [_feature(f) for f in fn.state],
+        }
+    return out
+
+
+def load_program(path: Path) -> Program:
+    """The MIL program of a saved package, with its weights (what an interpreter executes)."""
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    with quiet():
+        return milproto_load(
+            spec,
+            specification_version=spec.specificationVersion,
+            file_weights_dir=model.weights_dir,
+        )
+
+
+def op_types(path: Path) -> dict[str, list[str]]:
+    """The sorted op types of every function of a saved package (nested blocks included)."""
+    program = load_program(path)
+    result = {}
+    for name, fn in program.functions.items():
+        seen: set[str] = set()
+        stack = [fn]
+        while stack:
+            block = stack.pop()
+            for op in block.operations:
+                seen.add(op.op_type)
+                stack.extend(op.blocks)
+        result[name] = sorted(seen)
+    return result
