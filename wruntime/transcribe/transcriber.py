@@ -156,7 +156,15 @@ class TranscriptionStream:
 
     def _resolve_language(self, options: TranscribeOptions) -> str:
         if options.language is not None:
-            return options.language
+            from wruntime.tokenizer import normalize_language
+
+            language = normalize_language(options.language)
+            if language != "en" and not self._model.is_multilingual:
+                raise WruntimeError(
+                    f"This model is English-only; it cannot transcribe {language!r} "
+                    "(use a multilingual model such as base-fp16)."
+                )
+            return language
         if not self._model.is_multilingual:
             return "en"
         if self.content_frames <= 0:
