@@ -84,24 +84,25 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     if n_frames == 0:
         return np.zeros((n_mels, 0), dtype=np.float32)
 
-    half = N_FFT // 2
-    padded = np.pad(x.astype(np.float64), half, mode="reflect")
+    # Frames are strided views of the float32 signal; each batch is windowed
+    # into float64, so memory holds the input, one padded copy and the output.
+    padded = np.pad(x, N_FFT // 2, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
     window = _hann_window()
     filters64 = filters.astype(np.float64)
 
-    log_spec = np.empty((n_mels, n_frames), dtype=np.float64)
+    log_spec = np.empty((n_mels, n_frames), dtype=np.float32)
     for start in range(0, n_frames, _FRAMES_PER_BATCH):
         stop = min(start + _FRAMES_PER_BATCH, n_frames)
         spectrum = np.fft.rfft(frames[start:stop] * window, axis=-1)
         power = spectrum.real**2 + spectrum.imag**2
         mel = filters64 @ power.T
-        np.log10(np.maximum(mel, 1e-10), out=log_spec[:, start:stop])
+        log_spec[:, start:stop] = np.log10(np.maximum(mel, 1e-10))
 
-    np.maximum(log_spec, log_spec.max() - 8.0, out=log_spec)
-    log_spec += 4.0
-    log_spec /= 4.0
-    return log_spec.astype(np.float32)
+    np.maximum(log_spec, log_spec.max() - np.float32(8.0), out=log_spec)
+    log_spec += np.float32(4.0)
+    log_spec /= np.float32(4.0)
+    return log_spec
 
 
 def pad_or_trim(array: np.ndarray, length: int = N_SAMPLES, *, axis: int = -1) -> np.ndarray:
