@@ -210,7 +210,11 @@ def run_transcribe(
         if verbose:
             err.print(f"Loading model {model} (built on first use)...", markup=False)
         transcriber = Transcriber(
-            model, executor=executor, compute_units=compute_units, weights=weights
+            model,
+            executor=executor,
+            compute_units=compute_units,
+            weights=weights,
+            build_progress=False if quiet else None,
         )
     except Exception as exc:
         _fail_line(exc, debug)
@@ -443,33 +447,57 @@ def build_cmd(
     """Build a model into the cache (models are also built on first use)."""
 
     def action() -> None:
-        build_model = _build_api("build_model")
-        kwargs: dict[str, Any] = {}
-        if weights is not None:
-            kwargs["weights"] = weights
         if force:
-            kwargs["force"] = True
-        path = build_model(name, **kwargs)
+            build_model = _build_api("build_model")
+            path = build_model(name, weights=weights, force=True, progress=_build_progress(name))
+        else:
+            # Builds with a progress bar unless already built; checks the directory either way.
+            path = Path(_build_api("ensure_model")(name, weights=weights))
         out.print(f"Built {name}: {path}", markup=False)
 
     _managed(action, debug)
 
 
+def _build_progress(name: str) -> Any:
+    """A builder progress callback (description, stage, stages) printing one line per stage."""
+
+    def report(description: str, index: int, total: int) -> None:
+        err.print(f"[{min(index, total)}/{total}] {name}: {description}", markup=False)
+
+    return report
+
+
 @app.command("list")
 def list_cmd(
+    built: Annotated[bool, typer.Option("--built", help="Only the models already built.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """List the catalog's model names and which are built."""
 
     def action() -> None:
-        models = _build_api("list_models")()
-        table = Table(title="Models")
-        rows = [_row(m) for m in models]
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        for c in columns:
-            table.add_column(c)
+        rows = [_row(m) for m in _build_api("list_models")()]
+        if built:
+            rows = [r for r in rows if r.get("built")]
+        table = Table(title="Models (built ones in the cache)")
+        for column, justify in (
+            ("name", "left"),
+            ("architecture", "left"),
+            ("precision", "left"),
+            ("built", "left"),
+            ("size MB", "right"),
+            ("path", "left"),
+        ):
+            table.add_column(column, justify=justify, no_wrap=column != "path", overflow="fold")  # type: ignore[arg-type]
         for r in rows:
-            table.add_row(*[str(r.get(c, "")) for c in columns])
+            size = r.get("size_mb")
+            table.add_row(
+                str(r.get("name", "")),
+                str(r.get("architecture", "")),
+                str(r.get("precision", "")),
+                "yes" if r.get("built") else "",
+                f"{size:.1f}" if isinstance(size, (int, float)) else "",
+                str(r.get("path") or ""),
+            )
         out.print(table)
 
     _managed(action, debug)
@@ -519,7 +547,21 @@ def remove_cmd(
     _managed(action, debug)
 
 
+def _quiet_libraries() -> None:
+    """Keep import-time chatter off stderr, where each error is one line.
+
+    coremltools logs a warning per missing native proxy (all of them off
+    macOS) and about scikit-learn's version when imported; --debug keeps them.
+    """
+    if "--debug" in sys.argv:
+        return
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
 def _run(typer_app: typer.Typer) -> None:
+    _quiet_libraries()
     try:
         typer_app()
     except KeyboardInterrupt:
