@@ -478,7 +478,7 @@ def list_cmd(
         rows = [_row(m) for m in _build_api("list_models")()]
         if built:
             rows = [r for r in rows if r.get("built")]
-        table = Table(title="Models (built ones in the cache)")
+        table = Table(title="Built models" if built else "Models")
         for column, justify in (
             ("name", "left"),
             ("architecture", "left"),
