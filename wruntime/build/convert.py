@@ -180,3 +180,20 @@ def op_types(path: Path) -> dict[str, list[str]]:
                 stack.extend(op.blocks)
         result[name] = sorted(seen)
     return result
+
+
+def spec_op_types(path: Path) -> dict[str, list[str]]:
+    """Like `op_types`, read from the spec's protobuf alone (no weights): cheap enough to
+    record in every manifest, so an executor can refuse a package it cannot run up front."""
+    spec = ct.utils.load_spec(str(path))
+    result = {}
+    for name, fn in spec.mlProgram.functions.items():
+        seen: set[str] = set()
+        stack = [fn.block_specializations[fn.opset]]
+        while stack:
+            block = stack.pop()
+            for op in block.operations:
+                seen.add(op.type)
+                stack.extend(op.blocks)
+        result[name] = sorted(seen)
+    return result
