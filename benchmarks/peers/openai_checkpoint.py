@@ -79,6 +79,7 @@ def write_checkpoint(weights: WhisperWeights, path: Path) -> Path:
     os.close(fd)
     try:
         torch.save(to_checkpoint(weights), tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of the cache
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
