@@ -17,7 +17,9 @@ import numpy as np
 class Executor(Protocol):
     """One loaded package function that answers `predict`."""
 
-    def predict(self, inputs: dict[str, np.ndarray], state: Any | None = None) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], state: Any | None = None
+    ) -> dict[str, np.ndarray]:
         """Run the function once; `state` comes from `make_state()` for stateful packages."""
         ...
 
