@@ -62,23 +62,46 @@ def resolve_executor_kind(kind: str) -> str:
     return kind
 
 
-def default_executor_factory(
-    package: Path,
-    kind: str,
-    function_name: str,
-    compute_units: str | None,
-    fp16_emulation: bool | None,
-) -> Executor:
-    """Load one package function through `wruntime.executors.load_executor`."""
-    from wruntime.executors import load_executor
+class DefaultExecutorFactory:
+    """Loads package functions through `wruntime.executors.load_executor`.
 
-    return load_executor(
-        package,
-        kind=kind,
-        function_name=function_name,
-        compute_units=compute_units,
-        fp16_emulation=fp16_emulation,
-    )
+    The interpreter reads each package once and shares the read among its
+    functions (the stateful decoder's batch functions share one weights file).
+    """
+
+    def __init__(self) -> None:
+        self._packages: dict[Path, Any] = {}
+
+    def __call__(
+        self,
+        package: Path,
+        kind: str,
+        function_name: str,
+        compute_units: str | None,
+        fp16_emulation: bool | None,
+    ) -> Executor:
+        from wruntime.executors import load_executor
+
+        if kind == "interpreter":
+            from wruntime.executors.interpreter import load_package
+
+            if package not in self._packages:
+                self._packages[package] = load_package(package)
+            return load_executor(
+                self._packages[package],
+                kind=kind,
+                function_name=function_name,
+                fp16_emulation=bool(fp16_emulation),
+            )
+        stage = "encoder" if package.name == ENCODER_FILE else "decoder"
+        return load_executor(
+            package,
+            kind=kind,
+            function_name=function_name,
+            compute_units=compute_units,
+            stage=stage,
+            fp16_emulation=fp16_emulation,
+        )
 
 
 class WhisperModel:
@@ -94,7 +117,9 @@ class WhisperModel:
         alignment_heads: np.ndarray,
         manifest: Mapping[str, Any] | None = None,
         stateful_decoders: Mapping[int, Callable[[], Executor]] | None = None,
+        prefer_stateful: bool = False,
         name: str = "",
+        executor_kind: str = "",
     ) -> None:
         self.dims = dims
         self.tokenizer_files = tokenizer_files
@@ -103,6 +128,8 @@ class WhisperModel:
         self.alignment_heads = np.asarray(alignment_heads, dtype=np.int64).reshape(-1, 2)
         self.manifest = dict(manifest or {})
         self.name = name
+        self.executor_kind = executor_kind
+        self.prefer_stateful = prefer_stateful
         # batch -> loader; loaded on first use, since each function costs a load.
         self._stateful_loaders = dict(stateful_decoders or {})
         self._stateful: dict[int, Executor] = {}
@@ -118,23 +145,29 @@ class WhisperModel:
         executor: str = "auto",
         compute_units: Mapping[str, str] | None = None,
         fp16_emulation: bool | None = None,
-        stateful: bool = True,
+        stateful: bool | None = None,
         factory: ExecutorFactory | None = None,
+        verify: bool | None = None,
         **build_options: Any,
     ) -> WhisperModel:
-        """Open a built directory, or a catalog name (built on first use via the builder)."""
+        """Open a built directory, or a catalog name (built on first use by the builder).
+
+        ``stateful``: None uses the stateful decoder (where the directory has one)
+        on Core ML only, where keeping the cache in MLState saves copying it every
+        step; the interpreter defaults to the explicit fp32 cache. True prefers it
+        on any executor; False never loads it. ``build_options`` go to
+        `ensure_model` (weights=..., progress=...).
+        """
         from wruntime.build import ensure_model, load_model_dir
 
         path = Path(model)
         if path.is_dir():
-            info = load_model_dir(path)
-        elif os.sep in str(model) or str(model).startswith("."):
+            info = load_model_dir(path, verify=verify)
+        elif path.suffix == ".mlpackage" or os.sep in str(model):
             raise WruntimeError(f"{model} is not a built model directory.")
         else:
-            path = Path(ensure_model(str(model), **build_options))
-            info = load_model_dir(path)
+            info = ensure_model(str(model), verify=verify, **build_options)
         return cls.from_directory(
-            path,
             info,
             executor=executor,
             compute_units=compute_units,
@@ -146,37 +179,40 @@ class WhisperModel:
     @classmethod
     def from_directory(
         cls,
-        path: Path,
         info: Any,
         *,
         executor: str = "auto",
         compute_units: Mapping[str, str] | None = None,
         fp16_emulation: bool | None = None,
-        stateful: bool = True,
+        stateful: bool | None = None,
         factory: ExecutorFactory | None = None,
     ) -> WhisperModel:
-        """Load the executors of a directory whose manifest the builder has read (``info``)."""
+        """Load the executors of a checked directory (`wruntime.build.ModelDirectory`)."""
         kind = resolve_executor_kind(executor)
-        make = factory or default_executor_factory
+        make = factory or DefaultExecutorFactory()
         units = dict(compute_units or {})
+        path = Path(info.path)
 
         def load(file: str, function: str, stage: str) -> Executor:
             return make(path / file, kind, function, units.get(stage), fp16_emulation)
 
-        stateful_loaders: dict[int, Callable[[], Executor]] = {}
-        if stateful and (path / STATEFUL_DECODER_FILE).exists():
-            for batch in _stateful_batches(info):
+        use_stateful = (kind == "coreml") if stateful is None else stateful
+        loaders: dict[int, Callable[[], Executor]] = {}
+        if use_stateful and info.has_package("decoder_stateful"):
+            for batch in info.stateful_batches or STATEFUL_BATCHES:
                 fn = stateful_function_name(batch)
-                stateful_loaders[batch] = lambda fn=fn: load(STATEFUL_DECODER_FILE, fn, "decoder")
+                loaders[batch] = lambda fn=fn: load(STATEFUL_DECODER_FILE, fn, "decoder")
         return cls(
             dims=info.dims,
-            tokenizer_files=getattr(info, "tokenizer_files", None) or path,
+            tokenizer_files=info.tokenizer_files,
             encoder=load(ENCODER_FILE, "main", "encoder"),
             decoder=load(DECODER_FILE, "main", "decoder"),
             alignment_heads=info.alignment_heads,
-            manifest=getattr(info, "manifest", None) or {},
-            stateful_decoders=stateful_loaders,
-            name=getattr(info, "name", "") or path.name,
+            manifest=info.manifest,
+            stateful_decoders=loaders,
+            prefer_stateful=bool(loaders),
+            name=info.name,
+            executor_kind=kind,
         )
 
     # ------------------------------------------------------------ facts
@@ -244,12 +280,14 @@ class WhisperModel:
     def session(self, cross: CrossKV, batch: int = 1, *, stateful: bool | None = None) -> Any:
         """A decoder session for one window: stateful where available (or asked), else explicit.
 
-        ``stateful=None`` prefers the stateful decoder when it covers ``batch``;
-        True insists (ExecutorError if it cannot); False forces the explicit cache.
+        ``stateful=None`` follows the model's preference (see `open`) where a
+        stateful function covers ``batch``; True insists (ExecutorError if none
+        does); False forces the explicit cache.
         """
         from wruntime.decoding.inference import ExplicitCacheSession, StatefulSession
 
-        executor = None if stateful is False else self.stateful_decoder(batch)
+        want = self.prefer_stateful if stateful is None else stateful
+        executor = self.stateful_decoder(batch) if want else None
         if stateful and executor is None:
             raise ExecutorError(f"This model has no stateful decoder for batch {batch}.")
         if executor is not None:
@@ -266,10 +304,3 @@ class WhisperModel:
 
         cross = mel_or_cross if isinstance(mel_or_cross, CrossKV) else self.encode(mel_or_cross)
         return detect_language(self, cross)
-
-
-def _stateful_batches(info: Any) -> tuple[int, ...]:
-    """Batch sizes with a stateful function: from the manifest when it says, else the contract's."""
-    manifest = getattr(info, "manifest", None) or {}
-    listed = manifest.get("stateful_batches") if isinstance(manifest, Mapping) else None
-    return tuple(int(b) for b in listed) if listed else STATEFUL_BATCHES
