@@ -377,7 +377,7 @@ def test_inputs_are_cast_to_the_spec_dtypes(encoded, decoder_pair, tiny_weights)
         assert got[name].shape == want[name].shape
         _close(got[name], want[name])
     # Both beams got the same prompt, so the same logits.
-    np.testing.assert_array_equal(got["logits"][0], got["logits"][1])
+    _close(got["logits"][0], got["logits"][1])
 
 
 def test_beam_batches_outside_the_declared_range_are_refused(decoder_pair, tiny_weights):
@@ -441,7 +441,10 @@ def test_stateful_decoder_through_the_executor(tiny_dir, encoded, backend, host)
     out5 = batch5.predict(inputs5, batch5.make_state())
     assert out5["logits"].shape[0] == 5
     # Same prompt in every row; a different batch size may sum in another order (BLAS).
-    np.testing.assert_allclose(out5["logits"][3], got["logits"][0], rtol=1e-3, atol=1e-3)
+    if REAL_COREML:
+        _close(out5["logits"][3], got["logits"][0])
+    else:
+        np.testing.assert_allclose(out5["logits"][3], got["logits"][0], rtol=1e-3, atol=1e-3)
 
 
 def test_default_compute_units_per_stage(encoder_pair, decoder_pair):
