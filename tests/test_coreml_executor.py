@@ -331,13 +331,25 @@ def test_decoder_variant_follows_the_os_version():
 
 
 def test_decoder_variant_from_the_real_directory(tiny_dir):
+    from wruntime.build import load_model_dir
     from wruntime.executors.coreml import decoder_variant_for_directory
 
-    has_stateful = (tiny_dir / STATEFUL_DECODER_FILE).is_dir()
-    assert decoder_variant_for_directory(tiny_dir, (14, 6)) == EXPLICIT
-    assert decoder_variant_for_directory(tiny_dir, (15, 1)) == (
-        STATEFUL if has_stateful else EXPLICIT
-    )
+    manifest = load_model_dir(tiny_dir).manifest
+    has_stateful = "decoder_stateful" in manifest["packages"]
+    assert has_stateful == (tiny_dir / STATEFUL_DECODER_FILE).is_dir()
+    for source in (manifest, None):  # the manifest's targets, or each package's spec
+        assert decoder_variant_for_directory(tiny_dir, (14, 6), source) == EXPLICIT
+        assert decoder_variant_for_directory(tiny_dir, (15, 1), source) == (
+            STATEFUL if has_stateful else EXPLICIT
+        )
+    # The manifest is what decides: a directory whose stateful decoder targets a newer OS.
+    newer = {**manifest, "packages": {**manifest["packages"]}}
+    newer["packages"]["decoder_stateful"] = {
+        **manifest["packages"].get("decoder_stateful", {"file": STATEFUL_DECODER_FILE}),
+        "deployment_target": "iOS26",
+    }
+    assert decoder_variant_for_directory(tiny_dir, (15, 1), newer) == EXPLICIT
+    assert decoder_variant_for_directory(tiny_dir, (26, 0), newer) == STATEFUL
 
 
 # --------------------------------------------------------------------------- end to end

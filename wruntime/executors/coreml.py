@@ -168,16 +168,15 @@ def _manifest_target(manifest: Mapping[str, Any] | None, file: str) -> str | int
         return None
     packages = manifest.get("packages")
     entry: Any = None
-    if isinstance(packages, Mapping):
-        entry = packages.get(file) or packages.get(package_stem(Path(file)))
-    elif isinstance(packages, list):
+    if isinstance(packages, Mapping):  # wruntime.build: {role: {"file": ..., ...}}
+        entry = packages.get(package_stem(Path(file)))
+        packages = list(packages.values())
+    if not isinstance(entry, Mapping) and isinstance(packages, list):
         entry = next(
             (p for p in packages if isinstance(p, Mapping) and p.get("file") == file), None
         )
     if isinstance(entry, Mapping):
-        for key in ("deployment_target", "target", "minimum_deployment_target"):
-            if entry.get(key) is not None:
-                return entry[key]
+        return entry.get("deployment_target")
     return None
 
 
