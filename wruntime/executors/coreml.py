@@ -540,7 +540,8 @@ class CoreMLExecutor:
             value = np.ascontiguousarray(value, dtype=desc.dtype)
             problem = desc.shape_error(value.shape)
             if problem is not None:
-                raise ExecutorError(f"{self.label}: input '{name}' {problem}{self._hint(name)}.")
+                hint = self._batch_hint(name, desc, value.shape)
+                raise ExecutorError(f"{self.label}: input '{name}' {problem}{hint}.")
             feed[name] = value
         return feed
 
@@ -572,12 +573,17 @@ class CoreMLExecutor:
             )
         return state.inner
 
-    def _hint(self, name: str) -> str:
-        if name == "tokens" and self.function.name.startswith("batch"):
-            return " (a stateful function has a fixed beam batch)"
-        if name in ("tokens", "k_cache", "v_cache"):
-            return " (the beam batch must be within the decoder's range)"
-        return ""
+    def _batch_hint(self, name: str, desc: FeatureDesc, shape: tuple[int, ...]) -> str:
+        """Say so when the wrong size is the beam batch (the likeliest mistake)."""
+        axis = 1 if name in ("k_cache", "v_cache") else 0
+        if name not in ("tokens", "beam_order", "k_cache", "v_cache") or len(shape) <= axis:
+            return ""
+        expected = desc.ranges[axis] if desc.ranges else (desc.shape[axis],) * 2
+        if expected[0] <= shape[axis] <= expected[1] or expected[1] < 0:
+            return ""
+        if expected[0] == expected[1]:
+            return f" (this function has a fixed beam batch of {expected[0]})"
+        return f" (the beam batch must be {expected[0]} to {expected[1]})"
 
     def __repr__(self) -> str:
         return (
