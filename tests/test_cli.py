@@ -145,3 +145,25 @@ def test_console_script_wruntime_inspect_unknown(tmp_path: Path) -> None:
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+# ---------------------------------------------------------------- with the real model
+
+
+def test_good_file_is_written_though_another_fails(tmp_path: Path, test_home: Path) -> None:
+    out_dir = tmp_path / "out"
+    missing = tmp_path / "missing.wav"
+    result = runner.invoke(
+        transcribe_app,
+        [str(missing), str(JFK), "-o", str(out_dir), "-f", "all", "--beam-size", "0", "--profile"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 1  # one file failed
+    _one_error_line(result.stderr, "missing.wav")
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"jfk.{ext}" for ext in ("txt", "srt", "vtt", "tsv", "json")
+    )
+    text = (out_dir / "jfk.txt").read_text(encoding="utf-8").lower()
+    assert "ask not what your country can do for you" in text
+    assert "[00:00.000 -->" in result.stdout  # segments stream to stdout
+    assert "encoder" in result.stdout and "realtime factor" in result.stdout  # --profile table

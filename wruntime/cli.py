@@ -350,7 +350,7 @@ def transcribe(
     ] = False,
     output_format: Annotated[
         OutputFormat, typer.Option("--output-format", "-f", help="Output file format.")
-    ] = OutputFormat.all,
+    ] = OutputFormat.txt,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Directory for the output files.")
     ] = Path("."),
