@@ -547,6 +547,25 @@ def remove_cmd(
     _managed(action, debug)
 
 
+#: Commands that live with their stage: (name, module, function). A stage not in
+#: this installation leaves its command out instead of breaking the others.
+OPTIONAL_COMMANDS = (("profile", "wruntime.profile.cli", "profile"),)
+
+
+def _register_optional_commands() -> None:
+    import importlib
+
+    for name, module, function in OPTIONAL_COMMANDS:
+        try:
+            command = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):
+            continue
+        app.command(name)(command)
+
+
+_register_optional_commands()
+
+
 def _quiet_libraries() -> None:
     """Keep import-time chatter off stderr, where each error is one line.
 
