@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from wruntime.errors import ExecutorError
-from wruntime.executors.interpreter import fast
+from wruntime.executors.interpreter import fast, threads
 from wruntime.executors.interpreter.fp16 import round_fp16
 
 Kernel = tuple[Callable[..., Any], list[Any]]
@@ -142,9 +142,7 @@ def _sigmoid(x: Any) -> Any:
 
 
 def _erf(x: Any) -> Any:
-    from scipy.special import erf
-
-    return erf(x).astype(np.asarray(x).dtype, copy=False)
+    return fast.erf(x)
 
 
 _UNARY: dict[str, Callable[[Any], Any]] = {
@@ -398,6 +396,7 @@ def _linear(a: Args) -> Kernel:
 
     def linear(x: Any) -> Any:
         lead = x.shape[:-1]
+        threads.for_product(x.size * nout)
         out = np.matmul(x.reshape(-1, x.shape[-1]), wt)
         if bias is not None:
             out += bias
@@ -416,6 +415,8 @@ def _matmul(a: Args) -> Kernel:
             x = np.swapaxes(x, -1, -2)
         if ty and y.ndim >= 2:
             y = np.swapaxes(y, -1, -2)
+        if x.ndim >= 2 and y.ndim >= 2:
+            threads.for_product(max(x.size * y.shape[-1], y.size * x.shape[-2]))
         return np.matmul(x, y)
 
     return matmul, [a.var("x"), a.var("y")]
@@ -463,6 +464,7 @@ def _einsum_as_matmul(equation: str) -> Callable[[Any, Any], Any] | None:
         k = math.prod(ta.shape[nb + nfa :])
         m = math.prod(fa)
         n = math.prod(fb)
+        threads.for_product(math.prod(bshape) * m * k * n)
         res = np.matmul(ta.reshape((*bshape, m, k)), tb.reshape((*bshape, k, n)))
         res = res.reshape((*bshape, *fa, *fb))
         return res if identity_out else np.transpose(res, perm_out)
@@ -519,11 +521,13 @@ def _conv(a: Args) -> Kernel:
     wmat = np.ascontiguousarray(weight.reshape(groups, cout // groups, -1))
     bias_col = None if bias is None else np.asarray(bias, np.float32).reshape(cout, 1)
     pointwise = all(k == 1 for k in ksize) and all(s == 1 for s in strides)
+    strides_prod = math.prod(strides)
     sp_axes = tuple(range(2, 2 + nsp))
 
     def conv(x: Any) -> Any:
         n = x.shape[0]
         size = x.shape[2:]
+        threads.for_product(x.size // max(x.shape[1], 1) * weight.size // max(strides_prod, 1))
         pads = _conv_pads(pad_type, pad, size, keff, strides)
         if pointwise and not any(p for pp in pads for p in pp):
             out = np.matmul(wmat, x.reshape(n, groups, cin_g, -1))
@@ -554,6 +558,7 @@ def _sdpa(a: Args) -> Kernel:
     has_mask = a.has("attn_mask")
 
     def sdpa(q: Any, k: Any, v: Any, mask: Any = None) -> Any:
+        threads.for_product(q.size * k.shape[-2])
         scores = np.matmul(q, np.swapaxes(k, -1, -2))
         scores *= np.float32(1.0 / math.sqrt(q.shape[-1]))
         if mask is not None:

