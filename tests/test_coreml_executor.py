@@ -75,7 +75,7 @@ def tiny_dir(test_home: Path) -> Path:
     """The real tiny.en fp32 model directory, built once into the test home."""
     from wruntime.build import ensure_model
 
-    return Path(ensure_model("tiny.en-fp32"))
+    return Path(ensure_model("tiny.en-fp32", progress=False))
 
 
 @pytest.fixture(scope="session")
