@@ -259,6 +259,8 @@ def run_transcribe(
             def on_progress(seconds: float, _total: float, base: float = done_before) -> None:
                 progress.update(bar, completed=base + seconds)
 
+            if not quiet and len(inputs) > 1:
+                progress.console.print(f"{path}:", markup=False)
             try:
                 stream = transcriber.transcribe_iter(path, progress=on_progress, **options)
                 for segment in stream:
