@@ -84,16 +84,21 @@ def run_peer(script: Path, args: list[str]) -> dict:
 
 
 def ensure_openai_checkpoint(arch: str) -> Path:
-    """The openai-whisper checkpoint of our weights (written by benchmarks/peers once)."""
+    """The openai-whisper checkpoint of our weights, written once by benchmarks/peers.
+
+    Kept in $WRUNTIME_HOME/peers, or in the temp dir when that home is inside
+    the checkout (the checkpoint script refuses to write there).
+    """
     sys.path.insert(0, str(ROOT))
     from benchmarks.peers.openai_checkpoint import default_path
 
     path = default_path(arch)
+    if path.resolve().is_relative_to(ROOT.resolve()):
+        path = Path(tempfile.gettempdir()) / "wruntime-peers" / f"{arch}.pt"
     if not path.exists():
+        script = ROOT / "benchmarks" / "peers" / "openai_checkpoint.py"
         subprocess.run(
-            [str(REF_PYTHON), str(ROOT / "benchmarks" / "peers" / "openai_checkpoint.py"), arch],
-            check=True,
-            cwd=ROOT,
+            [str(REF_PYTHON), str(script), arch, "--out", str(path)], check=True, cwd=ROOT
         )
     return path
 
