@@ -630,3 +630,152 @@ def test_stateful_cache_across_predicts(tmp_path):
     state.write_state("cache", np.ones((2, 6)))
     out = model.predict({"value": np.zeros((2, 1)), "pos": np.array([5], np.int32)}, state)
     np.testing.assert_allclose(out["total"], [5.0, 5.0])
+
+
+# ------------------------------------------------ the real tiny.en packages vs the oracle
+
+
+@pytest.fixture(scope="module")
+def jfk_mel() -> np.ndarray:
+    from conftest import CLIPS
+
+    from wruntime.audio import load_audio
+    from wruntime.features import N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+    audio = pad_or_trim(load_audio(str(CLIPS["jfk"][0])), N_SAMPLES)
+    return np.asarray(log_mel_spectrogram(audio, 80), np.float32)[None, :, :3000]
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tiny_weights, jfk_mel):
+    """The oracle's cross K/V and a short greedy decode: (ck, cv, [(tokens, positions)])."""
+    from wruntime import oracle
+
+    ck, cv = oracle.cross_kv(tiny_weights, oracle.encode(tiny_weights, jfk_mel))
+    return ck, cv
+
+
+def _model_dir(test_home, name: str):
+    from wruntime.build.pipeline import ensure_model
+
+    return ensure_model(name, progress=False)
+
+
+def _greedy_against_oracle(weights, decoder, ck, cv, cross, steps: int = 3):
+    """Prefill <|startoftranscript|><|notimestamps|>, then greedy steps; the caches are
+    written from the oracle's own K/V so each call is compared on identical inputs.
+    Yields (interpreter outputs, oracle outputs) per call."""
+    from wruntime import oracle
+    from wruntime.build.interface import MASK_NEG
+
+    d = weights.dims
+    n = d.n_text_ctx
+    kc = np.zeros((d.n_text_layer, 1, d.n_text_state, n), np.float32)
+    vc = np.zeros_like(kc)
+    seq = np.array([[50257, 50362]], np.int32)
+    start = 0
+    for _ in range(steps + 1):
+        pos = np.arange(start, start + seq.shape[1], dtype=np.int32)
+        mask = oracle.causal_mask(pos, n)
+        assert mask.min() == MASK_NEG
+        out = decoder.predict(
+            {"tokens": seq, "positions": pos, "k_cache": kc, "v_cache": vc, "mask": mask, **cross}
+        )
+        ref = oracle.decode(weights, seq, pos, kc, vc, ck, cv, mask)
+        yield out, ref
+        kc[..., pos], vc[..., pos] = ref.k_new, ref.v_new
+        start += seq.shape[1]
+        seq = np.array([[int(np.argmax(ref.logits[0, -1]))]], np.int32)
+
+
+@pytest.mark.slow
+def test_real_fp32_packages_match_oracle(test_home, tiny_weights, jfk_mel, oracle_run):
+    model_dir = _model_dir(test_home, "tiny.en-fp32")
+    ck, cv = oracle_run
+    encoder = load_executor(model_dir.package("encoder"))
+    cross = encoder.predict({"mel": jfk_mel})
+    assert _rel(cross["cross_k"], ck) <= 1e-4
+    assert _rel(cross["cross_v"], cv) <= 1e-4
+
+    decoder = load_executor(model_dir.package("decoder"))
+    for out, ref in _greedy_against_oracle(tiny_weights, decoder, ck, cv, cross):
+        assert _rel(out["logits"], ref.logits) <= 1e-4
+        assert _rel(out["k_new"], ref.k_new) <= 1e-4
+        assert _rel(out["v_new"], ref.v_new) <= 1e-4
+        assert _rel(out["alignment"], ref.alignment) <= 1e-4
+        assert np.argmax(out["logits"][0, -1]) == np.argmax(ref.logits[0, -1])
+
+
+@pytest.mark.slow
+def test_real_fp16_packages_with_emulation(test_home, tiny_weights, jfk_mel, oracle_run):
+    model_dir = _model_dir(test_home, "tiny.en-fp16")
+    ck, cv = oracle_run
+    encoder = load_executor(model_dir.package("encoder"), fp16_emulation=True)
+    cross = encoder.predict({"mel": jfk_mel})
+    assert _rel(cross["cross_k"], ck) <= 2e-2
+    decoder = load_executor(model_dir.package("decoder"), fp16_emulation=True)
+    for out, ref in _greedy_against_oracle(tiny_weights, decoder, ck, cv, cross):
+        err = _rel(out["logits"], ref.logits)
+        assert 0 < err <= 2e-2  # fp16 really rounds, and stays close
+        assert np.argmax(out["logits"][0, -1]) == np.argmax(ref.logits[0, -1])
+
+
+@pytest.mark.slow
+def test_real_stateful_decoder_matches_explicit(test_home, tiny_weights, oracle_run):
+    """The MLState decoder against the explicit-cache one on the same token stream.
+
+    The state is fp16 (Core ML's rule), so the explicit decoder gets the same
+    fp16-rounded cache; what still differs is the new tokens' own K/V (the
+    stateful decoder rounds them into its cache before attending): ~1e-4.
+    """
+    model_dir = _model_dir(test_home, "tiny.en-fp32")
+    ck, cv = oracle_run
+    cross = {"cross_k": ck, "cross_v": cv}
+    package = load_package(model_dir.package("decoder_stateful"))
+    stateful = InterpreterModel(package, function_name="main")
+    explicit = InterpreterModel(model_dir.package("decoder"))
+    d = tiny_weights.dims
+    n = d.n_text_ctx
+    kc = np.zeros((d.n_text_layer, 1, d.n_text_state, n), np.float32)
+    vc = np.zeros_like(kc)
+    state = stateful.make_state()
+    seq = np.array([[50257, 50362]], np.int32)
+    start = 0
+    from wruntime import oracle
+
+    for _ in range(4):
+        pos = np.arange(start, start + seq.shape[1], dtype=np.int32)
+        out_e = explicit.predict(
+            {
+                "tokens": seq,
+                "positions": pos,
+                "k_cache": kc,
+                "v_cache": vc,
+                "mask": oracle.causal_mask(pos, n),
+                **cross,
+            }
+        )
+        mask = np.where(np.arange(n)[None, :] <= pos[:, None], 0.0, -1e4).astype(np.float32)
+        out_s = stateful.predict(
+            {
+                "tokens": seq,
+                "positions": pos,
+                "beam_order": np.zeros(1, np.int32),
+                "mask": mask,
+                **cross,
+            },
+            state,
+        )
+        assert _rel(out_s["logits"], out_e["logits"]) <= 5e-4
+        assert _rel(out_s["alignment"], out_e["alignment"]) <= 5e-4
+        assert np.argmax(out_s["logits"][0, -1]) == np.argmax(out_e["logits"][0, -1])
+        kc[..., pos] = out_e["k_new"].astype(np.float16)
+        vc[..., pos] = out_e["v_new"].astype(np.float16)
+        # The state holds exactly what the explicit runtime would have written, in fp16.
+        k_state = state.read_state("k_cache")
+        assert k_state.dtype == np.float16
+        np.testing.assert_allclose(
+            k_state[..., : start + len(pos)], kc[..., : start + len(pos)], atol=2e-3, rtol=2e-3
+        )
+        start += seq.shape[1]
+        seq = np.array([[int(np.argmax(out_e["logits"][0, -1]))]], np.int32)
