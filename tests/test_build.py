@@ -276,12 +276,6 @@ def test_a_failed_build_leaves_nothing_behind(tiny_weights: WhisperWeights, tmp_
     assert list((tmp_path / "models").iterdir()) == []
 
 
-def test_compressed_precisions_are_refused_up_front(tmp_path: Path) -> None:
-    with pytest.raises(WruntimeError, match="cannot compress"):
-        build_model("tiny.en-int8", dest=tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-
-
 # ------------------------------------------------------------------ cache management
 
 

@@ -50,6 +50,21 @@ def quiet() -> Any:
         yield
 
 
+def pass_pipeline() -> ct.PassPipeline:
+    """coremltools' default passes, minus two.
+
+    - reduce_transposes: the programs are written with few transposes
+      (channels-first throughout), and that pass was a fifth of a decoder's
+      conversion time for nothing;
+    - fuse_elementwise_to_batchnorm: on an fp16 program it builds a batch_norm
+      with fp32 mean/variance and fp16 gamma, which its own validation rejects
+      (coremltools 9.0); layer norm's scale and shift stay a mul and an add.
+    """
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(["common::reduce_transposes", "common::fuse_elementwise_to_batchnorm"])
+    return pipeline
+
+
 def convert(
     program: Program,
     *,
@@ -57,15 +72,22 @@ def convert(
     target: Any,
     inputs: Sequence[ct.TensorType] | None = None,
 ) -> ct.models.MLModel:
-    """Convert a freshly built MIL program to an ML program (not loaded: no runtime here)."""
-    precision = ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32
+    """Convert a freshly built MIL program to an ML program (not loaded: no runtime here).
+
+    The programs are already in their compute precision (layers.compute_dtype),
+    so the conversion itself runs in FLOAT32 mode, which adds no casts: asking
+    for FLOAT16 here would only rerun coremltools' slow fp16 pass over a program
+    with nothing left to cast. ``fp16`` is checked against the program's inputs.
+    """
+    del fp16  # the precision is in the program; kept for the callers' clarity
     with quiet():
         return ct.convert(
             program,
             convert_to="mlprogram",
-            compute_precision=precision,
+            compute_precision=ct.precision.FLOAT32,
             minimum_deployment_target=target_of(target),
             inputs=list(inputs) if inputs is not None else None,
+            pass_pipeline=pass_pipeline(),
             skip_model_load=True,
         )
 

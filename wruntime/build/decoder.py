@@ -23,13 +23,16 @@ from coremltools.converters.mil.mil import Program, Var, get_new_symbol, types
 
 from wruntime.build import interface as io
 from wruntime.build.layers import (
+    compute_dtype,
     dim,
     dynamic_shape,
-    f32,
     layer_norm_c,
     mlp,
+    output,
     project,
     query_projection,
+    to_compute,
+    wt,
 )
 from wruntime.weights.canonical import WhisperWeights
 
@@ -116,17 +119,16 @@ def decoder_body(
     cross_v: Var,
     self_kv: SelfKV,
     kv_len: Var | int,
-    *,
-    fp16: bool,
 ) -> DecoderParts:
     """Whisper's text decoder on channels-first activations, shared by both decoders."""
     d = w.dims
     n_head, n_state = d.n_text_head, d.n_text_state
     head_dim = n_state // n_head
 
+    mask, cross_k, cross_v = to_compute(mask), to_compute(cross_k), to_compute(cross_v)
     table = w["decoder.token_embedding.weight"]
     chunk_list = vocab_chunks(d.n_vocab)
-    chunks = [mb.const(val=f32(table[o : o + n])) for o, n in chunk_list]
+    chunks = [mb.const(val=wt(table[o : o + n])) for o, n in chunk_list]
 
     # Runtime shapes: batch and token count are flexible.
     tok_shape = mb.shape(x=tokens)
@@ -137,7 +139,7 @@ def decoder_body(
     out_shape = dynamic_shape([b, [n_state], t])
 
     x = _embed(tokens, chunks, chunk_list[0][1])  # (B, T, C)
-    pos = mb.gather(x=f32(w["decoder.positional_embedding"]), indices=positions, axis=0)
+    pos = mb.gather(x=wt(w["decoder.positional_embedding"]), indices=positions, axis=0)
     x = mb.add(x=x, y=pos)
     # Channels-first (B, C, T): projections become 1x1 convolutions.
     x = mb.transpose(x=x, perm=[0, 2, 1])
@@ -192,20 +194,20 @@ def decoder_body(
 
 
 def name_outputs(parts: DecoderParts, *, split_logits: bool, with_cache: bool) -> tuple[Var, ...]:
-    """Give the body's results the interface's output names, in the interface's order."""
+    """Give the body's results the interface's output names and order, in fp32."""
     if split_logits:
-        outs = [mb.identity(x=v, name=f"logits_{i}") for i, v in enumerate(parts.logits)]
+        outs = [output(v, f"logits_{i}") for i, v in enumerate(parts.logits)]
     elif len(parts.logits) == 1:
-        outs = [mb.identity(x=parts.logits[0], name="logits")]
+        outs = [output(parts.logits[0], "logits")]
     else:
-        outs = [mb.concat(values=parts.logits, axis=-1, name="logits")]
+        outs = [output(mb.concat(values=parts.logits, axis=-1), "logits")]
     if with_cache:
-        outs.append(mb.stack(values=parts.k_new, axis=0, name="k_new"))
-        outs.append(mb.stack(values=parts.v_new, axis=0, name="v_new"))
+        outs.append(output(mb.stack(values=parts.k_new, axis=0), "k_new"))
+        outs.append(output(mb.stack(values=parts.v_new, axis=0), "v_new"))
     if len(parts.alignment) == 1:
-        outs.append(mb.identity(x=parts.alignment[0], name="alignment"))
+        outs.append(output(parts.alignment[0], "alignment"))
     else:
-        outs.append(mb.concat(values=parts.alignment, axis=1, name="alignment"))
+        outs.append(output(mb.concat(values=parts.alignment, axis=1), "alignment"))
     return tuple(outs)
 
 
@@ -252,8 +254,17 @@ def build_decoder_program(
         mb.TensorSpec(shape=(L, 1, C, S), dtype=types.fp32),
     ]
 
+    with compute_dtype(fp16):
+        return _decoder_program(weights, specs, target, split_logits)
+
+
+def _decoder_program(weights: WhisperWeights, specs, target, split_logits: bool) -> Program:
+    n = weights.dims.n_text_ctx
+
     @mb.program(input_specs=specs, opset_version=target)
     def decoder(tokens, positions, k_cache, v_cache, mask, cross_k, cross_v):
+        k_cache, v_cache = to_compute(k_cache), to_compute(v_cache)
+
         def self_kv(layer: int, k: Var, v: Var) -> tuple[Var, Var]:
             # Attend over [cache slots 0..N) + [the T new tokens], as the mask's columns.
             def cached(cache: Var) -> Var:
@@ -272,9 +283,7 @@ def build_decoder_program(
 
         t = dim(mb.shape(x=tokens), 1)
         kv_len = mb.add(x=t, y=np.int32(n))
-        parts = decoder_body(
-            weights, tokens, positions, mask, cross_k, cross_v, self_kv, kv_len, fp16=fp16
-        )
+        parts = decoder_body(weights, tokens, positions, mask, cross_k, cross_v, self_kv, kv_len)
         return name_outputs(parts, split_logits=split_logits, with_cache=True)
 
     return decoder

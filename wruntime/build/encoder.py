@@ -14,23 +14,26 @@ from coremltools.converters.mil.mil import Program, types
 
 from wruntime.build import interface as io
 from wruntime.build.layers import (
-    f32,
+    compute_dtype,
     layer_norm_c,
     mlp,
+    output,
     project,
     query_projection,
     split_heads_attention,
+    to_compute,
+    wt,
 )
 from wruntime.weights.canonical import WhisperWeights
 
 
 def _conv_k3(x, weight: np.ndarray, bias: np.ndarray, stride: int):
     """Whisper's width-3 convolutions over time, as (1, 3) kernels on (1, C, 1, T)."""
-    kernel = f32(weight)[:, :, None, :]  # (out, in, 3) -> (out, in, 1, 3)
+    kernel = wt(weight)[:, :, None, :]  # (out, in, 3) -> (out, in, 1, 3)
     return mb.conv(
         x=x,
         weight=kernel,
-        bias=f32(bias),
+        bias=wt(bias),
         strides=[1, stride],
         pad_type="custom",
         pad=[0, 0, 1, 1],
@@ -42,23 +45,28 @@ def build_encoder_program(weights: WhisperWeights, *, fp16: bool, target: object
 
     ``target`` is the ``ct.target`` whose opset the ops are taken from.
     """
+    spec = mb.TensorSpec(shape=(1, weights.dims.n_mels, io.N_FRAMES), dtype=types.fp32)
+    with compute_dtype(fp16):
+        return _encoder_program(weights, spec, target)
+
+
+def _encoder_program(weights: WhisperWeights, spec, target) -> Program:
     d = weights.dims
     w = weights
     n_layers, n_state, n_ctx = d.n_text_layer, d.n_text_state, d.n_audio_ctx
-    spec = mb.TensorSpec(shape=(1, d.n_mels, io.N_FRAMES), dtype=types.fp32)
 
     @mb.program(input_specs=[spec], opset_version=target)
     def encoder(mel):
         # ANE: channels-first (B, C, 1, S) from the start: the mel bins are the
         # channels, time is the last axis, the singleton axis 2 is "height".
-        x = mb.expand_dims(x=mel, axes=[2])
+        x = mb.expand_dims(x=to_compute(mel), axes=[2])
         x = mb.gelu(
             x=_conv_k3(x, w["encoder.conv1.weight"], w["encoder.conv1.bias"], 1), mode="EXACT"
         )
         x = mb.gelu(
             x=_conv_k3(x, w["encoder.conv2.weight"], w["encoder.conv2.bias"], 2), mode="EXACT"
         )
-        pos = f32(w["encoder.positional_embedding"]).T[None, :, None, :]  # (1, C, 1, S)
+        pos = wt(w["encoder.positional_embedding"]).T[None, :, None, :]  # (1, C, 1, S)
         x = mb.add(x=x, y=pos)
         for i in range(d.n_audio_layer):
             p = f"encoder.blocks.{i}"
@@ -86,7 +94,7 @@ def build_encoder_program(weights: WhisperWeights, *, fp16: bool, target: object
             stacked = mb.concat(values=per_layer, axis=0)  # (L, C, 1, S)
             name = io.ENCODER_OUTPUTS[len(outs)]
             # Interface layout (L, 1, C, S): a head's keys are one contiguous block.
-            outs.append(mb.reshape(x=stacked, shape=[n_layers, 1, n_state, n_ctx], name=name))
+            outs.append(output(mb.reshape(x=stacked, shape=[n_layers, 1, n_state, n_ctx]), name))
         return tuple(outs)
 
     return encoder

@@ -2,7 +2,10 @@
 
 Every block works on channels-first activations, (B, C, 1, S) in the encoder
 and (B, C, T) in the decoder, and takes float32 numpy weights in
-openai-whisper's layout; ct.convert casts them to fp16 for fp16 packages.
+openai-whisper's layout. Programs are built directly in their compute
+precision (`compute_dtype`): fp16 packages get fp16 constants and cast their
+fp32 inputs/outputs at the boundary, so ct.convert has no precision pass to run
+(its fp16 pass was the slowest part of a build).
 
 Apple's Neural Engine principles (apple/ml-ane-transformers) are applied where
 the tensor is made so, each with a comment starting "ANE:".
@@ -10,11 +13,12 @@ the tensor is made so, each with a comment starting "ANE:".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Var
+from coremltools.converters.mil.mil import Var, types
 
 from wruntime.weights.canonical import WhisperWeights
 
@@ -25,21 +29,64 @@ LN_EPS = 1e-5
 _LN_FLOOR = 2.0**-10
 
 
-def f32(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
+_DTYPE: list[type] = [np.float32]
+
+
+@contextlib.contextmanager
+def compute_dtype(fp16: bool) -> Iterator[None]:
+    """Build the ops inside in fp16 (or fp32): constants, scalars and boundary casts."""
+    _DTYPE.append(np.float16 if fp16 else np.float32)
+    try:
+        yield
+    finally:
+        _DTYPE.pop()
+
+
+def is_fp16() -> bool:
+    return _DTYPE[-1] is np.float16
+
+
+def wt(a: np.ndarray) -> np.ndarray:
+    """A weight in the compute precision (refusing values fp16 cannot hold)."""
+    out = np.ascontiguousarray(a, dtype=_DTYPE[-1])
+    if is_fp16() and not np.isfinite(out).all():
+        raise ValueError("a weight exceeds the fp16 range (65504); build this model in fp32")
+    return out
+
+
+def scalar(v: float) -> np.generic:
+    return _DTYPE[-1](v)
+
+
+def to_compute(x: Var) -> Var:
+    """An fp32 input in the compute precision."""
+    return mb.cast(x=x, dtype="fp16") if is_fp16() and x.dtype != types.fp16 else x
+
+
+def as_dtype(x: Var, dtype: str) -> Var:
+    """Cast only when needed ("fp16" / "fp32")."""
+    want = types.fp16 if dtype == "fp16" else types.fp32
+    return x if x.dtype == want else mb.cast(x=x, dtype=dtype)
+
+
+def output(x: Var, name: str) -> Var:
+    """A program output named as the interface says, always fp32."""
+    if x.dtype == types.fp32:
+        return mb.identity(x=x, name=name)
+    return mb.cast(x=x, dtype="fp32", name=name)
 
 
 def conv_weight(w: np.ndarray, rank: int) -> np.ndarray:
     """A (out, in) linear weight as a 1x1 convolution kernel for an input of this rank."""
     # ANE: a 1x1 convolution in place of a linear layer, so the activations
     # stay channels-first and no transpose is needed around any projection.
-    return f32(w).reshape(w.shape + (1,) * (rank - 2))
+    return wt(w).reshape(w.shape + (1,) * (rank - 2))
 
 
 def project(x: Var, weight: np.ndarray, bias: np.ndarray | None, name: str | None = None) -> Var:
     """x @ W.T + b on channels-first x: a 1x1 convolution over the channel axis."""
     kwargs = {"name": name} if name else {}
-    b = None if bias is None else f32(bias)
+    b = None if bias is None else wt(bias)
     return mb.conv(x=x, weight=conv_weight(weight, x.rank), bias=b, **kwargs)
 
 
@@ -65,13 +112,13 @@ def layer_norm_c(x: Var, gamma: np.ndarray, beta: np.ndarray, eps: float = LN_EP
     mean = mb.reduce_mean(x=x, axes=[1], keep_dims=True)
     centred = mb.sub(x=x, y=mean)
     peak = mb.reduce_max(x=mb.abs(x=centred), axes=[1], keep_dims=True)
-    peak = mb.maximum(x=peak, y=np.float32(_LN_FLOOR))
+    peak = mb.maximum(x=peak, y=scalar(_LN_FLOOR))
     z = mb.real_div(x=centred, y=peak)
     var_z = mb.reduce_mean(x=mb.mul(x=z, y=z), axes=[1], keep_dims=True)
-    eps_z = mb.real_div(x=np.float32(np.sqrt(eps)), y=peak)
-    inv_std = mb.rsqrt(x=mb.add(x=var_z, y=mb.mul(x=eps_z, y=eps_z)), epsilon=np.float32(0.0))
+    eps_z = mb.real_div(x=scalar(np.sqrt(eps)), y=peak)
+    inv_std = mb.rsqrt(x=mb.add(x=var_z, y=mb.mul(x=eps_z, y=eps_z)), epsilon=scalar(0.0))
     normed = mb.mul(x=z, y=inv_std)
-    return mb.add(x=mb.mul(x=normed, y=f32(gamma).reshape(shape)), y=f32(beta).reshape(shape))
+    return mb.add(x=mb.mul(x=normed, y=wt(gamma).reshape(shape)), y=wt(beta).reshape(shape))
 
 
 def mlp(x: Var, w: WhisperWeights, prefix: str) -> Var:

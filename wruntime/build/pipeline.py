@@ -13,6 +13,7 @@ Compression (int8, int4, palettization: a later issue) plugs in as
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import time
@@ -312,14 +313,16 @@ def ensure_model(
 ) -> ModelDirectory:
     """The built directory of a catalog name, building it on first use.
 
-    Opened with `load_model_dir` (``verify`` as there). A damaged directory is
-    refused with a ModelDirectoryError rather than silently rebuilt.
+    Opened with `load_model_dir` (``verify`` as there). A directory from another
+    builder version is rebuilt; a damaged one is refused with a
+    ModelDirectoryError rather than silently rebuilt.
     """
     from wruntime.catalog import resolve_model_name
 
     spec = resolve_model_name(name)
     path = model_path(spec.name)
-    if not path.exists():
+    stale = path.exists() and _built_by_another_builder(path)
+    if stale or not path.exists():
         stop: Callable[[], None] = lambda: None  # noqa: E731
         if progress is True:
             report, stop = _rich_progress(spec.name)
@@ -328,11 +331,23 @@ def ensure_model(
         else:
             report = None
         try:
-            build_model(spec, weights=weights, progress=report, **build_options)
+            build_model(spec, weights=weights, progress=report, force=stale, **build_options)
         finally:
             stop()
         verify = False  # hashed by the build a moment ago
     return load_model_dir(path, verify=verify)
+
+
+def _built_by_another_builder(path: Path) -> bool:
+    """A readable manifest from an older (or newer) builder: rebuilt on first use.
+
+    An unreadable one is not "stale" but damaged, which load_model_dir reports.
+    """
+    try:
+        manifest = json.loads((path / io.MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("builder_version") != BUILDER_VERSION
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from coremltools.converters.mil.mil import Program, Var, get_new_symbol, types
 
 from wruntime.build import interface as io
 from wruntime.build.decoder import decoder_body, name_outputs
-from wruntime.build.layers import dim
+from wruntime.build.layers import as_dtype, compute_dtype, dim, is_fp16
 from wruntime.weights.canonical import WhisperWeights
 
 #: The stateful decoder needs MLState: iOS 18 / macOS 15.
@@ -71,6 +71,15 @@ def build_stateful_program(
         mb.StateTensorSpec(shape=cache_shape, dtype=types.fp16),
     ]
 
+    with compute_dtype(fp16):
+        return _stateful_program(weights, batch, specs, target)
+
+
+def _stateful_program(weights: WhisperWeights, batch: int, specs, target) -> Program:
+    d = weights.dims
+    n = d.n_text_ctx
+    C = d.n_text_state
+
     @mb.program(input_specs=specs, opset_version=target)
     def decoder_stateful(tokens, positions, beam_order, mask, cross_k, cross_v, k_cache, v_cache):
         t = dim(mb.shape(x=tokens), 1)
@@ -85,7 +94,7 @@ def build_stateful_program(
         states = {"k": k_cache, "v": v_cache}
 
         def write_and_read(kind: str, layer: int, new: Var) -> Var:
-            update = mb.cast(x=mb.expand_dims(x=new, axes=[0]), dtype="fp16")  # (1, B, C, T)
+            update = as_dtype(mb.expand_dims(x=new, axes=[0]), "fp16")  # (1, B, C, T)
             begin = mb.concat(values=[np.array([layer, 0, 0], np.int32), start], axis=0)
             end = mb.concat(values=[np.array([layer + 1, batch, C], np.int32), stop], axis=0)
             cache = mb.slice_update(x=current[kind], update=update, begin=begin, end=end)
@@ -96,14 +105,12 @@ def build_stateful_program(
                 end=[layer + 1, batch, C, n],
                 squeeze_mask=[True, False, False, False],
             )  # (B, C, N)
-            return mb.cast(x=layer_cache, dtype="fp32")
+            return as_dtype(layer_cache, "fp16" if is_fp16() else "fp32")
 
         def self_kv(layer: int, k: Var, v: Var) -> tuple[Var, Var]:
             return write_and_read("k", layer, k), write_and_read("v", layer, v)
 
-        parts = decoder_body(
-            weights, tokens, positions, mask, cross_k, cross_v, self_kv, n, fp16=fp16
-        )
+        parts = decoder_body(weights, tokens, positions, mask, cross_k, cross_v, self_kv, n)
         return name_outputs(parts, split_logits=False, with_cache=False)
 
     return decoder_stateful
