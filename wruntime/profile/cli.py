@@ -39,6 +39,9 @@ def profile(
         typer.Option("--matrix", help="Run the encoder and decoder under every compute-unit pair."),
     ] = False,
     runs: Annotated[int, typer.Option(help="Timed runs (medians are reported).")] = 3,
+    beam_size: Annotated[
+        int, typer.Option(help="Beams at temperature 0, as wtranscribe (0: greedy).")
+    ] = 5,
     warmup: Annotated[int, typer.Option(help="(--matrix) untimed warm-up runs per pair.")] = 1,
     pairs: Annotated[
         list[str] | None,
@@ -87,6 +90,7 @@ def profile(
             model,
             matrix=matrix,
             runs=runs,
+            beam_size=beam_size,
             warmup=warmup,
             pairs=pairs or None,
             executor=executor,
@@ -120,6 +124,7 @@ def _run(
     *,
     matrix: bool,
     runs: int,
+    beam_size: int,
     warmup: int,
     pairs: list[str] | None,
     executor: str,
@@ -139,6 +144,10 @@ def _run(
         raise WruntimeError(f"{audio} is a directory, not an audio file.")
     if runs < 1:
         raise WruntimeError(f"--runs must be at least 1, not {runs}.")
+    if not Path(model).is_dir():
+        from wruntime.catalog import resolve_model_name
+
+        resolve_model_name(model)  # an unknown name fails here, before anything loads
     for target in (json_path, png_path):
         if target is not None and not target.parent.exists():
             raise WruntimeError(f"Cannot write {target}: {target.parent} does not exist.")
@@ -147,6 +156,10 @@ def _run(
 
         _pyplot()  # fail before the runs, not after them
     table = WattsTable.parse(watts, base=WattsTable.from_env())
+    if beam_size < 0:
+        raise WruntimeError(f"--beam-size must be 0 (greedy) or more, not {beam_size}.")
+    # wtranscribe's defaults: beam search at temperature 0, best_of 5 when sampling.
+    options = {"beam_size": beam_size, "best_of": 5} if beam_size else {}
     say = None if quiet else (lambda msg: err.print(msg, markup=False))
 
     from wruntime.profile import report as rep
@@ -162,6 +175,7 @@ def _run(
             runs=runs,
             warmup=warmup,
             stand_in=stand_in,
+            options=options,
             watts=table,
             progress=say,
         )
@@ -176,6 +190,7 @@ def _run(
             executor=executor,
             compute_units=units or None,
             runs=runs,
+            options=options,
             watts=table,
             progress=say,
         )

@@ -257,6 +257,7 @@ def run_matrix(
 ) -> Matrix:
     """Run the model on `audio` under every compute-unit pair (see the module docstring)."""
     from wruntime.model import resolve_executor_kind
+    from wruntime.profile import _batches
     from wruntime.profile.energy import default_energy_reader
 
     if runs < 1 or warmup < 0:
@@ -265,6 +266,7 @@ def run_matrix(
     say = progress or (lambda _msg: None)
     kind = resolve_executor_kind(executor)
     stand_in = _stand_in_requested(kind, stand_in)
+    batches = _batches(options)
     notes: list[str] = []
 
     def measure(opened: Any, label: str) -> list[RunProfile]:
@@ -281,7 +283,7 @@ def run_matrix(
     rows: list[MatrixRow] = []
     if kind == INTERPRETER and not stand_in:
         notes.append(LINUX_NOTE if os.uname().sysname != "Darwin" else "Interpreter only.")
-        opened, seconds = open_model(model, executor=INTERPRETER)
+        opened, seconds = open_model(model, executor=INTERPRETER, preload_batches=batches)
         rows.append(
             MatrixRow(INTERPRETER, INTERPRETER, measure(opened, INTERPRETER), {"seconds": seconds})
         )
@@ -302,6 +304,7 @@ def run_matrix(
                 executor="coreml",
                 compute_units={"encoder": enc, "decoder": dec},
                 factory=factory,
+                preload_batches=batches,
             )
             new = {
                 f"{Path(k[0]).stem}:{k[1]}:{k[2]}": v
