@@ -359,3 +359,21 @@ def test_cli_user_errors_are_one_line(args, message, test_home):
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+
+
+def test_wtranscribe_table_from_merged_timer_totals():
+    # What `wtranscribe --profile` prints: a StageTimer's totals over several files.
+    from wruntime.timing import StageTimer
+
+    merged = StageTimer()
+    for _ in range(2):
+        one = StageTimer()
+        for name, s in TIMINGS.items():
+            one.add(name, s["wall"], s["cpu"], int(s["count"]))
+        merged.merge(one)
+    text = render(rep.timings_table(merged.to_dict(), 20.0, 9.0, load_seconds=1.25))
+    for name in ("audio", "features", "encoder", "decoder.prefill", "decoder.step", "search"):
+        assert name in text
+    assert "cpu s / audio s" in text and "RTF" in text
+    assert "model load 1.250 s" in text
+    assert "0.4500" in text  # total RTF 9 s / 20 s
