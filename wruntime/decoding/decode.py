@@ -125,6 +125,64 @@ def _softmax_at(logits: np.ndarray, index: int) -> float:
     return float(p[index] / p.sum())
 
 
+@dataclass
+class _Language:
+    code: str
+    probs: dict[str, float] | None = None
+    #: The session that already holds <|startoftranscript|>, and that call's logits (1, V).
+    session: Any = None
+    sot_logits: np.ndarray | None = None
+
+
+def _language(model: Any, cross: Any, options: DecodingOptions, n_group: int) -> _Language:
+    """The window's language: given, "en" on English-only models, or detected at SOT.
+
+    Detection needs <|startoftranscript|> at position 0 with nothing before it.
+    Without a previous-text prompt that is how the prompt starts anyway, so the
+    detection call is the prompt's first call and the session is kept; with one
+    (or for lang_id) it is a call of its own.
+    """
+    if not model.is_multilingual:
+        if options.task == "lang_id":
+            raise WruntimeError("This model is English-only and has no language tokens to detect.")
+        return _Language("en")
+    if options.language is not None and options.task != "lang_id":
+        return _Language(options.language)
+    sot = model.tokenizer.sot
+    if options.task == "lang_id" or options.prompt:
+        session, sot_logits = None, model.session(cross, batch=1).prefill([sot])
+    else:
+        session = model.session(cross, batch=n_group)
+        sot_logits = session.prefill([sot])
+    code, probs = language_probs(sot_logits[0], model.tokenizer)
+    return _Language(options.language or code, probs, session, sot_logits)
+
+
+def _sample(
+    session: Any,
+    search: TokenSearch,
+    filters: list[LogitFilter],
+    prompt: Prompt,
+    last_logits: np.ndarray,
+    n_group: int,
+    sample_len: int,
+    n_ctx: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The token loop: filter, choose, feed; one decoder call per step for the whole group."""
+    tokens = np.tile(np.asarray(prompt.tokens, dtype=np.int64), (n_group, 1))
+    sum_logprobs = np.zeros(n_group, dtype=np.float32)
+    logits = np.repeat(last_logits[None].astype(np.float32), n_group, axis=0)
+    for i in range(sample_len):
+        if i > 0:
+            logits = np.array(session.step(tokens[:, -1]), dtype=np.float32)
+        for f in filters:
+            f.apply(logits, tokens)
+        tokens, completed = search.update(tokens, logits, sum_logprobs)
+        if completed or tokens.shape[1] > n_ctx:
+            break
+    return tokens, sum_logprobs
+
+
 def decode(
     model: Any,
     audio: Any,
@@ -140,44 +198,30 @@ def decode(
     """
     options = options or DecodingOptions()
     if overrides:
-        options = replace(options, **overrides)
+        try:
+            options = replace(options, **overrides)
+        except TypeError:
+            unknown = ", ".join(sorted(set(overrides) - set(DecodingOptions.__dataclass_fields__)))
+            raise WruntimeError(f"Unknown decoding option(s): {unknown}.") from None
     options = options.validated()
     cross = audio if hasattr(audio, "cross_k") else model.encode(audio)
 
     n_ctx = model.dims.n_text_ctx
     sample_len = options.sample_len or n_ctx // 2
     n_group = options.beam_size or options.best_of or 1
-    session = model.session(cross, batch=n_group)
 
-    # The language: given, fixed ("en" on English-only models), or detected at SOT.
-    language, lang_probs = options.language, None
-    first_call: np.ndarray | None = None
-    if not model.is_multilingual:
-        if options.task == "lang_id":
-            raise WruntimeError("This model is English-only and has no language tokens to detect.")
-        language = "en"
-    elif language is None or options.task == "lang_id":
-        tokenizer = model.tokenizer
-        if options.task == "lang_id" or options.prompt:
-            # Position 0 must hold SOT itself: a separate one-token call.
-            first_call = None
-            code, lang_probs = language_probs(
-                model.session(cross, batch=1).prefill([tokenizer.sot])[0], tokenizer
-            )
-        else:
-            # No previous text, so SOT is the prompt's first token: detect on it and keep going.
-            first_call = session.prefill([tokenizer.sot])
-            code, lang_probs = language_probs(first_call[0], tokenizer)
-        if options.task == "lang_id":
-            return DecodingResult(language=code, language_probs=lang_probs)
-        language = language or code
+    lang = _language(model, cross, options, n_group)
+    if options.task == "lang_id":
+        return DecodingResult(language=lang.code, language_probs=lang.probs)
 
-    tokenizer = model.tokenizer_for(language=language, task=options.task)
+    tokenizer = model.tokenizer_for(language=lang.code, task=options.task)
     prompt = build_prompt(tokenizer, options, n_ctx, sample_len)
-    if first_call is not None:
-        assert prompt.tokens[0] == tokenizer.sot
-        prompt_logits = np.concatenate([first_call, session.prefill(prompt.tokens[1:])], axis=0)
+    if lang.session is not None:  # SOT is in the cache already
+        session = lang.session
+        rest = session.prefill(prompt.tokens[1:])
+        prompt_logits = np.concatenate([lang.sot_logits, rest], axis=0)
     else:
+        session = model.session(cross, batch=n_group)
         prompt_logits = session.prefill(prompt.tokens)
 
     no_speech_prob = float("nan")
@@ -191,28 +235,20 @@ def decode(
     else:
         generator = rng if rng is not None else np.random.default_rng(options.seed)
         search = GreedySearch(options.temperature, tokenizer.eot, generator)
+    tokens, sum_logprobs = _sample(
+        session, search, filters, prompt, prompt_logits[-1], n_group, sample_len, n_ctx
+    )
 
-    tokens = np.tile(np.asarray(prompt.tokens, dtype=np.int64), (n_group, 1))
-    sum_logprobs = np.zeros(n_group, dtype=np.float32)
-    logits = np.repeat(prompt_logits[-1:].astype(np.float32), n_group, axis=0)
-    for i in range(sample_len):
-        if i > 0:
-            logits = np.array(session.step(tokens[:, -1]), dtype=np.float32)
-        for f in filters:
-            f.apply(logits, tokens)
-        tokens, completed = search.update(tokens, logits, sum_logprobs)
-        if completed or tokens.shape[1] > n_ctx:
-            break
-
+    # Candidates end at their first eot; the ranker picks one (length-normalised log-prob).
     candidates, scores = search.finalize(tokens, sum_logprobs)
     eot = tokenizer.eot
-    sampled = [list(c[prompt.sample_begin : c.index(eot, prompt.sample_begin)]) for c in candidates]
+    sampled = [c[prompt.sample_begin : c.index(eot, prompt.sample_begin)] for c in candidates]
     best = rank(sampled, scores, options.length_penalty)
     chosen = sampled[best]
     text = tokenizer.decode(chosen).strip()
     return DecodingResult(
-        language=language,
-        language_probs=lang_probs,
+        language=lang.code,
+        language_probs=lang.probs,
         tokens=chosen,
         text=text,
         avg_logprob=scores[best] / (len(chosen) + 1),
