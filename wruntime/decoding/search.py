@@ -117,7 +117,7 @@ class BeamSearch:
             raise ValueError(f"expected {self.beam_size} beams, got {tokens.shape[0]}")
         logprobs = log_softmax(logits)
         k = self.beam_size + 1
-        top = np.argpartition(-logprobs, k, axis=-1)[:, :k]
+        top = np.argpartition(logprobs, -k, axis=-1)[:, -k:]  # the k best of each row
         top_lp = np.take_along_axis(logprobs, top, axis=-1)
         # Best first; equal log-probabilities in token order, so ties are deterministic.
         order = np.lexsort((top, -top_lp), axis=-1)
