@@ -447,6 +447,9 @@ def open_model(
     opened = WhisperModel.open(
         path, executor=executor, compute_units=compute_units, factory=factory
     )
+    # The tokenizer is built on first use, outside every stage of the transcriber's timer;
+    # building it here counts it as loading (its encoding is shared by every language).
+    opened.tokenizer_for(language="en", task="transcribe")
     if getattr(opened, "prefer_stateful", False):
         # Stateful decoder functions load on first use; load them here so their cost is
         # counted as load time, not as the first run's decoding.
