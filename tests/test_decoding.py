@@ -194,6 +194,32 @@ def test_rearrange_makes_beams_continue_their_source_rows(tiny):
     np.testing.assert_allclose(again[2], fresh.step(np.asarray([words[0]]))[0], atol=1e-3)
 
 
+def test_vocabulary_chunked_logits_are_joined(tiny):
+    """A decoder built for the Neural Engine names its logits logits_0, logits_1, ..."""
+    from wruntime.build.decoder import vocab_chunks
+
+    class ChunkedLogits:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def predict(self, inputs, state=None):
+            out = dict(self.inner.predict(inputs, state))
+            logits = out.pop("logits")
+            for i, (offset, rows) in enumerate(vocab_chunks(logits.shape[-1])):
+                out[f"logits_{i}"] = logits[..., offset : offset + rows]
+            return out
+
+    model = tiny.model
+    ref = REFERENCE["tiny.en"]["belly"]["greedy"]
+    model.decoder = ChunkedLogits(model.decoder)
+    try:
+        result = decode(model, tiny.cross("belly"), DecodingOptions(**ref["options"]))
+    finally:
+        model.decoder = model.decoder.inner
+    assert len(vocab_chunks(model.dims.n_vocab)) > 1
+    assert result.tokens == ref["tokens"]
+
+
 def test_sampling_with_best_of_is_seeded(tiny):
     options = DecodingOptions(temperature=0.6, best_of=3, seed=7, without_timestamps=True)
     a = decode(tiny.model, tiny.cross("belly"), options)

@@ -58,6 +58,17 @@ class DecoderSession(Protocol):
         ...
 
 
+def _logits(out: dict[str, np.ndarray]) -> np.ndarray:
+    """The (B, T, V) logits. A decoder built for the Neural Engine returns the vocabulary in
+    chunks (logits_0, logits_1, ...: no ANE tensor dimension may exceed 16384), joined here."""
+    if "logits" in out:
+        return out["logits"]
+    chunks = sorted((k for k in out if k.startswith("logits_")), key=lambda k: int(k[7:]))
+    if not chunks:
+        raise WruntimeError("The decoder returned no logits; the model directory is damaged.")
+    return np.concatenate([out[k] for k in chunks], axis=-1)
+
+
 def _check_room(position: int, count: int, n_ctx: int) -> None:
     if position + count > n_ctx:
         raise WruntimeError(
@@ -118,7 +129,7 @@ class ExplicitCacheSession:
         self.v_cache[..., start : start + count] = out["v_new"]
         self.position += count
         self.alignment = out.get("alignment")
-        return out["logits"]
+        return _logits(out)
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         if self.k_cache.shape[1] != 1 or self._stepped:
@@ -191,7 +202,7 @@ class StatefulSession:
         self.beam_order = self._identity
         self.position += count
         self.alignment = out.get("alignment")
-        return out["logits"]
+        return _logits(out)
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         rows = np.repeat(np.asarray(tokens, dtype=np.int32)[None], self.batch, axis=0)
