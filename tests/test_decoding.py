@@ -229,6 +229,11 @@ def test_sampling_with_best_of_is_seeded(tiny):
     assert tiny.model.tokenizer.eot not in a.tokens
 
 
+def test_more_beams_than_the_decoder_batch_is_a_one_line_error(tiny):
+    with pytest.raises(WruntimeError, match="batch limit of 8"):
+        decode(tiny.model, tiny.cross("belly"), beam_size=9)
+
+
 def test_english_only_model_has_no_language_to_detect(tiny):
     with pytest.raises(WruntimeError):
         decode(tiny.model, tiny.cross("belly"), DecodingOptions(task="lang_id"))

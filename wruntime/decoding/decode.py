@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from wruntime.build.interface import MAX_BATCH
 from wruntime.decoding.language import language_probs
 from wruntime.decoding.logit_filters import (
     ApplyTimestampRules,
@@ -209,6 +210,11 @@ def decode(
     n_ctx = model.dims.n_text_ctx
     sample_len = options.sample_len or n_ctx // 2
     n_group = options.beam_size or options.best_of or 1
+    if n_group > MAX_BATCH:
+        what = "beam_size" if options.beam_size else "best_of"
+        raise WruntimeError(
+            f"{what} {n_group} is more than the decoder's batch limit of {MAX_BATCH}."
+        )
 
     lang = _language(model, cross, options, n_group)
     if options.task == "lang_id":
