@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -25,6 +26,7 @@ from wruntime.profile import (
     median_run,
     profile_timings,
     run_profile,
+    stage_medians,
 )
 from wruntime.profile import report as rep
 from wruntime.profile.energy import (
@@ -157,18 +159,19 @@ def test_stages_are_exclusive_and_the_rest_is_shown_as_other():
     assert run.energy.measured_mj_per_audio_second is None
 
 
-def test_median_of_runs_takes_each_stage_median():
+def test_median_is_a_real_run_and_stage_medians_are_per_stage():
     runs = [
         profile_timings(
-            {"encoder": {"wall": w, "cpu": w, "count": 1}}, audio_seconds=2.0, wall=w + 0.1
+            {"encoder": {"wall": w, "cpu": w, "count": 1}}, audio_seconds=2.0, wall=total
         )
-        for w in (1.0, 3.0, 2.0)
+        for w, total in ((1.0, 1.5), (3.0, 3.1), (2.5, 2.6), (0.5, 2.7))
     ]
     med = median_run(runs)
-    assert med.timings["encoder"]["wall"] == 2.0
-    assert med.wall == pytest.approx(2.1)
-    assert med.energy is not None
-    assert med.energy.estimate_joules["encoder"] == pytest.approx(2.0 * WattsTable().cpu_core)
+    assert med is runs[2]  # walls 1.5, 2.6, 2.7, 3.1: the lower middle
+    assert med.stage_sum <= med.wall  # a real run's stages never exceed its total
+    medians = stage_medians(runs)
+    assert medians["encoder"] == pytest.approx(1.75)
+    assert medians[OTHER] == pytest.approx(statistics.median([0.5, 0.1, 0.1, 2.2]))
 
 
 def _run(wall: float, measured: float | None) -> RunProfile:

@@ -228,44 +228,22 @@ def profile_result(
 
 
 def median_run(runs: Sequence[RunProfile]) -> RunProfile:
-    """Per-field medians of several runs of the same input (counts from the first)."""
+    """The run with the median wall time (the lower middle one for an even count).
+
+    A real run rather than per-field medians, so its stages still add up to
+    its total; per-stage medians across runs are `stage_medians`.
+    """
     if not runs:
         raise ValueError("median_run needs at least one run")
-    first = runs[0]
-    names = list(dict.fromkeys(n for r in runs for n in r.timings))
-    timings: dict[str, dict[str, float]] = {}
-    for name in names:
-        present = [r.timings[name] for r in runs if name in r.timings]
-        timings[name] = {
-            "wall": statistics.median(s["wall"] for s in present),
-            "cpu": statistics.median(s["cpu"] for s in present),
-            "count": present[0].get("count", 0),
-        }
-    merged = RunProfile(
-        audio_seconds=first.audio_seconds,
-        wall=statistics.median(r.wall for r in runs),
-        cpu=statistics.median(r.cpu for r in runs),
-        timings=timings,
-        tokens=first.tokens,
-        stage_units=dict(first.stage_units),
-    )
-    if first.energy is not None:
-        energies = [r.energy for r in runs if r.energy is not None]
-        measured = [e.measured_joules for e in energies if e.measured_joules is not None]
-        stage_names = list(first.energy.estimate_joules)
-        merged.energy = EnergyFigures(
-            audio_seconds=first.audio_seconds,
-            cpu_seconds=merged.cpu,
-            estimate_joules={
-                n: statistics.median(e.estimate_joules.get(n, 0.0) for e in energies)
-                for n in stage_names
-            },
-            estimate_units=dict(first.energy.estimate_units),
-            watts=first.energy.watts,
-            measured_joules=statistics.median(measured) if len(measured) == len(energies) else None,
-            measured_source=first.energy.measured_source,
-        )
-    return merged
+    ordered = sorted(runs, key=lambda r: r.wall)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def stage_medians(runs: Sequence[RunProfile]) -> dict[str, float]:
+    """Median wall seconds of each exclusive stage across runs (0 where a run lacks it)."""
+    names = list(dict.fromkeys(r.name for run in runs for r in run.rows()))
+    per_run = [{r.name: r.wall for r in run.rows()} for run in runs]
+    return {n: statistics.median(p.get(n, 0.0) for p in per_run) for n in names}
 
 
 # --------------------------------------------------------------------------- running
@@ -619,4 +597,5 @@ __all__ = [
     "profile_result",
     "profile_timings",
     "run_profile",
+    "stage_medians",
 ]

@@ -37,6 +37,7 @@ from wruntime.profile import (
     median_run,
     open_model,
     profile_once,
+    stage_medians,
 )
 from wruntime.profile.energy import ESTIMATE, MEASURED, EnergyReader, WattsTable
 
@@ -115,7 +116,8 @@ class MatrixRow:
         return f"{self.encoder_units} / {self.decoder_units}"
 
     def stage_median(self, name: str) -> float:
-        return float(self.median.timings.get(name, {}).get("wall", 0.0))
+        """Median over the runs of one stage's exclusive wall seconds."""
+        return float(stage_medians(self.runs).get(name, 0.0))
 
     @property
     def wall_median(self) -> float:

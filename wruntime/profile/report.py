@@ -139,7 +139,7 @@ def profile_tables(report: ProfileReport) -> list[Table]:
         stage_table(
             med,
             title=(
-                f"Warm runs, median of {len(report.runs)}: {med.audio_seconds:.1f} s of audio "
+                f"Warm runs, the median of {len(report.runs)}: {med.audio_seconds:.1f} s of audio "
                 f"in {med.wall:.3f} s (RTF {_fmt(med.rtf)}) — {report.model}, {report.executor}"
             ),
         ),
