@@ -201,7 +201,7 @@ def render(
         "",
         f"Machine: {json.dumps(machine, sort_keys=True)}",
         "",
-        f"Manifest: {args.manifest} ({sum(r for r in [results[0].audio_seconds]):.1f} s of audio); "
+        f"Manifest: {args.manifest} ({results[0].audio_seconds:.1f} s of audio); "
         f"executor {args.executor}; {args.runs} run(s) per file after one warm-up; "
         f"WER normalizer: {norm_name}.",
         "",
