@@ -197,6 +197,7 @@ def run_transcribe(
     highlight_words: bool = False,
 ) -> int:
     """Transcribe every file; returns the exit code (1 if any file failed)."""
+    _quiet_libraries(debug)
     inputs, failed = _check_inputs(audio, debug)
     if not inputs:
         return 1
@@ -430,6 +431,7 @@ def _build_api(name: str) -> Any:
 
 
 def _managed(action: Any, debug: bool) -> None:
+    _quiet_libraries(debug)
     try:
         action()
     except Exception as exc:
@@ -568,13 +570,13 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(debug: bool = False) -> None:
     """Keep import-time chatter off stderr, where each error is one line.
 
     coremltools logs a warning per missing native proxy (all of them off
     macOS) and about scikit-learn's version when imported; --debug keeps them.
     """
-    if "--debug" in sys.argv:
+    if debug or "--debug" in sys.argv:
         return
     import logging
 
