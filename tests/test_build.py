@@ -122,9 +122,30 @@ def test_manifest_describes_the_directory(fp16_dir: ModelDirectory) -> None:
     assert m["stateful_batches"] == list(io.STATEFUL_BATCHES)
     assert set(m["packages"]) == {"encoder", "decoder", "decoder_stateful"}
     assert m["packages"]["decoder_stateful"]["deployment_target"] == "iOS18"
+    d = fp16_dir.dims
+    L, C, S, N, V = d.n_text_layer, d.n_text_state, d.n_audio_ctx, d.n_text_ctx, d.n_vocab
+    A, b, t = len(m["alignment_heads"]), [1, io.MAX_BATCH], [1, N]
+    assert A == len(fp16_dir.alignment_heads) > 0
+    want_outputs = {
+        ("encoder", "main"): {"cross_k": [L, 1, C, S], "cross_v": [L, 1, C, S]},
+        ("decoder", "main"): {
+            "logits": [b, t, V],
+            "k_new": [L, b, C, t],
+            "v_new": [L, b, C, t],
+            "alignment": [b, A, t, S],
+        },
+        ("decoder_stateful", "main"): {"logits": [1, t, V], "alignment": [1, A, t, S]},
+        ("decoder_stateful", "batch5"): {"logits": [5, t, V], "alignment": [5, A, t, S]},
+    }
     for role, entry in m["packages"].items():
         pkg = fp16_dir.package(role)
-        assert entry["functions"] == describe_package(pkg)
+        saved = describe_package(pkg)
+        for fn, desc in entry["functions"].items():
+            # Inputs and states as the spec says; outputs' shapes from the contract
+            # (Core ML specs leave flexible outputs unshaped).
+            assert desc["inputs"] == saved[fn]["inputs"] and desc["states"] == saved[fn]["states"]
+            assert [o["name"] for o in desc["outputs"]] == [o["name"] for o in saved[fn]["outputs"]]
+            assert {o["name"]: o["shape"] for o in desc["outputs"]} == want_outputs[(role, fn)]
         on_disk = sorted(p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file())
         assert sorted(entry["files"]) == on_disk
         assert all(len(f["sha256"]) == 64 for f in entry["files"].values())

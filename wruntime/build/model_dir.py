@@ -41,7 +41,7 @@ from wruntime.weights.canonical import ModelDims
 #: Bumped when the layout or manifest changes incompatibly; older directories are refused.
 FORMAT_VERSION = 1
 #: Bumped when the builder's programs change: part of the manifest, shown by `inspect`.
-BUILDER_VERSION = "1.2"
+BUILDER_VERSION = "1.3"
 TOKENIZER_DIR = "tokenizer"
 MODELS_DIR = "models"
 #: Written after a full hash check: each file's (size, mtime_ns) at that moment.
@@ -90,6 +90,46 @@ def models_root() -> Path:
 def model_path(name: str) -> Path:
     """Where the directory of a catalog name lives in the cache (built or not)."""
     return models_root() / name
+
+
+# ------------------------------------------------------------------ output shapes
+
+
+def contract_output_shapes(
+    role: str, function: str, dims: ModelDims, n_alignment_heads: int
+) -> dict[str, list[Any]]:
+    """Output shapes from the interface, ranges as [lo, hi].
+
+    Core ML specs leave flexible outputs without a shape; the manifest fills
+    them in from the contract so readers see (B, T, V) rather than nothing.
+    """
+    L, C, S, N = dims.n_text_layer, dims.n_text_state, dims.n_audio_ctx, dims.n_text_ctx
+    t = [1, N]
+    if role == "decoder_stateful":
+        b: Any = next(x for x in io.STATEFUL_BATCHES if io.stateful_function_name(x) == function)
+    else:
+        b = [1, io.MAX_BATCH]
+    shapes = {
+        "cross_k": [L, 1, C, S],
+        "cross_v": [L, 1, C, S],
+        "logits": [b, t, dims.n_vocab],
+        "k_new": [L, b, C, t],
+        "v_new": [L, b, C, t],
+        "alignment": [b, n_alignment_heads, t, S],
+    }
+    return shapes
+
+
+def fill_output_shapes(
+    functions: dict[str, Any], role: str, dims: ModelDims, n_alignment_heads: int
+) -> dict[str, Any]:
+    """`functions` (from convert.describe_package) with contract shapes where the spec has none."""
+    for name, fn in functions.items():
+        shapes = contract_output_shapes(role, name, dims, n_alignment_heads)
+        for out in fn["outputs"]:
+            if not out["shape"] and out["name"] in shapes:
+                out["shape"] = shapes[out["name"]]
+    return functions
 
 
 # ------------------------------------------------------------------ hashing

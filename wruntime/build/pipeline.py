@@ -31,6 +31,7 @@ from wruntime.build.model_dir import (
     ModelDirectory,
     directory_size,
     file_table,
+    fill_output_shapes,
     load_model_dir,
     model_path,
     models_root,
@@ -247,7 +248,9 @@ def _manifest(
             "file": file,
             "deployment_target": targets[role],
             "compute_precision": plan.compute_precision,
-            "functions": cv.describe_package(path),
+            "functions": fill_output_shapes(
+                cv.describe_package(path), role, w.dims, len(w.alignment_heads)
+            ),
             "op_types": cv.spec_op_types(path),
             "size_bytes": sum(f["size"] for f in files.values()),
             "files": files,
