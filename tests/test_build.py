@@ -422,3 +422,35 @@ def test_packages_compute_what_the_oracle_computes(
     )
     assert _rel_err(out["logits"], ref1.logits[rows[order]]) < tol
     assert (out["logits"].argmax(-1) == ref1.logits[rows[order]].argmax(-1)).all()
+
+
+def test_split_logits_keeps_the_chunks_as_outputs(tiny_weights: WhisperWeights) -> None:
+    """The ANE-style decoder option: one output per vocabulary chunk, none above 16384."""
+    from coremltools.converters.mil.mil import types
+
+    from wruntime.build.convert import TARGETS
+    from wruntime.build.decoder import build_decoder_program
+
+    program = build_decoder_program(
+        tiny_weights, fp16=True, target=TARGETS["iOS17"], split_logits=True
+    )
+    outputs = program.functions["main"].outputs
+    chunks = vocab_chunks(tiny_weights.dims.n_vocab)
+    names = [v.name for v in outputs]
+    assert names == [f"logits_{i}" for i in range(len(chunks))] + ["k_new", "v_new", "alignment"]
+    assert [int(v.shape[-1]) for v in outputs[: len(chunks)]] == [n for _, n in chunks]
+    assert all(v.dtype == types.fp32 for v in outputs)
+
+
+def test_a_directory_from_an_older_builder_is_seen_as_stale(
+    fp16_dir: ModelDirectory, tmp_path: Path
+) -> None:
+    from wruntime.build.model_dir import write_manifest
+    from wruntime.build.pipeline import _built_by_another_builder
+
+    assert not _built_by_another_builder(fp16_dir.path)
+    copy = _linked_copy(fp16_dir.path, tmp_path / "m")
+    (copy / io.MANIFEST_FILE).unlink()
+    write_manifest(copy, dict(fp16_dir.manifest, builder_version="0.9"))
+    assert _built_by_another_builder(copy)
+    load_model_dir(copy)  # still a valid directory: ensure_model rebuilds it, nothing refuses it
