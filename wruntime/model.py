@@ -196,7 +196,23 @@ class WhisperModel:
         def load(file: str, function: str, stage: str) -> Executor:
             return make(path / file, kind, function, units.get(stage), fp16_emulation)
 
-        use_stateful = (kind == "coreml") if stateful is None else stateful
+        use_stateful = stateful
+        if kind == "coreml" and stateful is not False and info.has_package("decoder_stateful"):
+            # The stateful decoder targets iOS 18: on an older macOS it must not be
+            # chosen (it would fail at its first lazy load, mid-transcription). With
+            # stateful=True the choice fails here, clearly, instead.
+            from wruntime.executors.compute_units import current_host
+            from wruntime.executors.coreml import decoder_variant_for_directory
+
+            variant = decoder_variant_for_directory(
+                path,
+                current_host().os_version,
+                info.manifest,
+                prefer="stateful" if stateful else None,
+            )
+            use_stateful = variant == "stateful"
+        elif stateful is None:
+            use_stateful = False
         loaders: dict[int, Callable[[], Executor]] = {}
         if use_stateful and info.has_package("decoder_stateful"):
             for batch in info.stateful_batches or STATEFUL_BATCHES:
