@@ -454,3 +454,23 @@ def test_a_directory_from_an_older_builder_is_seen_as_stale(
     write_manifest(copy, dict(fp16_dir.manifest, builder_version="0.9"))
     assert _built_by_another_builder(copy)
     load_model_dir(copy)  # still a valid directory: ensure_model rebuilds it, nothing refuses it
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_op_types_are_the_documented_ones(precision: str, request: pytest.FixtureRequest) -> None:
+    """The saved packages use only PACKAGE_OP_TYPES, which the interpreter must run."""
+    from wruntime.build.convert import PACKAGE_OP_TYPES, spec_op_types
+
+    model_dir: ModelDirectory = request.getfixturevalue(f"{precision}_dir")
+    for role, allowed in PACKAGE_OP_TYPES.items():
+        saved = spec_op_types(model_dir.package(role))
+        assert saved == model_dir.manifest["packages"][role]["op_types"]
+        for fn, ops in saved.items():
+            assert set(ops) <= allowed, (role, fn, set(ops) - allowed)
+        assert {"conv", "softmax", "rsqrt"} <= set(saved["main"])
+    try:
+        from wruntime.executors.interpreter import supported_ops
+    except ImportError:  # pragma: no cover
+        pytest.skip("the MIL interpreter is not available")
+    documented = set().union(*PACKAGE_OP_TYPES.values()) - {"const"}
+    assert documented <= supported_ops(), documented - supported_ops()

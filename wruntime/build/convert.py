@@ -23,6 +23,32 @@ from coremltools.converters.mil.mil import Program
 #: Deployment targets by the names the catalog and the manifest use.
 TARGETS = {"iOS16": ct.target.iOS16, "iOS17": ct.target.iOS17, "iOS18": ct.target.iOS18}
 
+_COMMON_OPS = frozenset(
+    {
+        # channels-first projections, fp16-safe layer norm, exact GELU, attention
+        "abs", "add", "cast", "concat", "const", "conv", "expand_dims", "gelu", "identity",
+        "maximum", "mul", "real_div", "reduce_max", "reduce_mean", "reshape", "rsqrt",
+        "softmax", "split", "sub", "transpose",
+    }
+)  # fmt: skip
+_DECODER_OPS = _COMMON_OPS | {
+    # tied-embedding lookup from the vocabulary chunks, runtime shapes, all-heads attention
+    "equal", "floor_div", "gather", "greater_equal", "linear", "matmul", "minimum", "mod",
+    "select", "shape", "slice_by_index", "slice_by_size",
+}  # fmt: skip
+#: Every op type a saved fp32/fp16 package contains after ct.convert's passes, by package
+#: role, as the spec's protobuf names them (the MIL interpreter must run exactly these).
+#: "minimum" appears only when the vocabulary chunks are unequal (multilingual, 51865);
+#: "identity" only in fp32 packages (their fp32 outputs); "cast" only in fp16 ones (and in
+#: the stateful decoder, whose fp16 states feed an fp32 program); "greater_equal"/"select"
+#: come from coremltools' negative-gather-index guard; "write_state" is what pymil calls
+#: coreml_update_state. Compressed packages add constexpr_* weight ops.
+PACKAGE_OP_TYPES = {
+    "encoder": _COMMON_OPS | {"einsum"},
+    "decoder": _DECODER_OPS | {"stack"},
+    "decoder_stateful": _DECODER_OPS | {"read_state", "slice_update", "write_state"},
+}
+
 _DTYPES = {65568: "fp32", 65552: "fp16", 131104: "int32", 131080: "int8"}
 
 
