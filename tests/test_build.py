@@ -445,15 +445,19 @@ def test_split_logits_keeps_the_chunks_as_outputs(tiny_weights: WhisperWeights) 
 def test_a_directory_from_an_older_builder_is_seen_as_stale(
     fp16_dir: ModelDirectory, tmp_path: Path
 ) -> None:
+    """ensure_model and build_model rebuild such a directory (and a damaged one, for build)."""
     from wruntime.build.model_dir import write_manifest
-    from wruntime.build.pipeline import _built_by_another_builder
+    from wruntime.build.pipeline import _built_by_another_builder, _usable
 
-    assert not _built_by_another_builder(fp16_dir.path)
+    assert not _built_by_another_builder(fp16_dir.path) and _usable(fp16_dir.path)
     copy = _linked_copy(fp16_dir.path, tmp_path / "m")
     (copy / io.MANIFEST_FILE).unlink()
     write_manifest(copy, dict(fp16_dir.manifest, builder_version="0.9"))
-    assert _built_by_another_builder(copy)
-    load_model_dir(copy)  # still a valid directory: ensure_model rebuilds it, nothing refuses it
+    assert _built_by_another_builder(copy) and not _usable(copy)
+    load_model_dir(copy)  # still a valid directory: rebuilt on use, not refused
+    damaged = _linked_copy(fp16_dir.path, tmp_path / "d")
+    (damaged / io.ENCODER_FILE / "Manifest.json").unlink()
+    assert not _built_by_another_builder(damaged) and not _usable(damaged)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -27,6 +27,7 @@ from wruntime.build.pipeline import (
     inspect_model,
     list_models,
     remove_model,
+    rich_progress,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "model_path",
     "models_root",
     "remove_model",
+    "rich_progress",
     "wruntime_home",
 ]

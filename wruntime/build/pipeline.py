@@ -151,6 +151,9 @@ def build_model(
     None finds them through the catalog. ``dest`` defaults to the cache
     (`model_path(name)`); an existing directory is kept unless ``force``.
     ``stages`` replaces the precision's compression stages (for experiments).
+    An existing directory that is damaged or from another builder version is
+    rebuilt even without ``force``. ``progress``: see `Progress` (and
+    `rich_progress` for a ready-made bar).
     """
     from wruntime.build import convert as cv
 
@@ -158,7 +161,9 @@ def build_model(
     plan, spec = plan_for(name_or_spec)
     dest_path = Path(dest) if dest is not None else model_path(plan.name)
     if dest_path.exists() and not force:
-        return dest_path
+        if _usable(dest_path):
+            return dest_path
+        force = True  # damaged or from another builder: asked to build, so rebuild it
     package_stages = list(stages) if stages is not None else compression_stages(plan, spec)
     report = progress or (lambda *_: None)
     total = len(_STAGES)
@@ -281,8 +286,11 @@ def _manifest(
 # ------------------------------------------------------------------ the cache
 
 
-def _rich_progress(name: str) -> tuple[Progress, Callable[[], None]]:
-    """A rich progress bar on stderr, one step per build stage."""
+def rich_progress(name: str) -> tuple[Progress, Callable[[], None]]:
+    """A rich progress bar on stderr for `build_model(progress=...)`, one step per stage.
+
+    Returns (callback, stop); call stop() when the build ends, failed or not.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -328,7 +336,7 @@ def ensure_model(
     if stale or not path.exists():
         stop: Callable[[], None] = lambda: None  # noqa: E731
         if progress is True:
-            report, stop = _rich_progress(spec.name)
+            report, stop = rich_progress(spec.name)
         elif callable(progress):
             report = progress
         else:
@@ -339,6 +347,17 @@ def ensure_model(
             stop()
         verify = False  # hashed by the build a moment ago
     return load_model_dir(path, verify=verify)
+
+
+def _usable(path: Path) -> bool:
+    """An intact directory from this builder (sizes checked; see load_model_dir)."""
+    if _built_by_another_builder(path):
+        return False
+    try:
+        load_model_dir(path, verify=None)
+    except ModelDirectoryError:
+        return False
+    return True
 
 
 def _built_by_another_builder(path: Path) -> bool:
