@@ -268,15 +268,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no files selected from the manifest")
     norm, norm_name = normalizer()
     started = time.perf_counter()
-    results = [run_model(m, items, args.runs, args, norm) for m in args.model]
+    results: list[ModelResult] = []
+    failures: dict[str, str] = {}
+    for name in args.model:
+        try:
+            results.append(run_model(name, items, args.runs, args, norm))
+        except Exception as exc:  # one model failing to build or load must not lose the others
+            line = " ".join(str(exc).split())[:300] or type(exc).__name__
+            failures[name] = f"{type(exc).__name__}: {line}"
+            print(f"{name}: failed: {failures[name]}", file=sys.stderr)
+    if not results:
+        print("no model ran; nothing written", file=sys.stderr)
+        return 1
     section = render(results, items, args, norm_name)
+    if failures:
+        section += "\n".join(f"- {k} failed: {v}" for k, v in failures.items()) + "\n"
     append_markdown(args.output, section)
     print(section)
     if args.json:
         data = [r.__dict__ | {"wall": r.wall, "rtf": r.rtf} for r in results]
         args.json.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
     print(f"wrote {args.output} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

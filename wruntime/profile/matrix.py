@@ -21,6 +21,7 @@ Linux; those rows are labelled as stand-ins, their differences are noise.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -284,7 +285,7 @@ def run_matrix(
 
     rows: list[MatrixRow] = []
     if kind == INTERPRETER and not stand_in:
-        notes.append(LINUX_NOTE if os.uname().sysname != "Darwin" else "Interpreter only.")
+        notes.append(LINUX_NOTE if platform.system() != "Darwin" else "Interpreter only.")
         opened, seconds = open_model(model, executor=INTERPRETER, preload_batches=batches)
         rows.append(
             MatrixRow(INTERPRETER, INTERPRETER, measure(opened, INTERPRETER), {"seconds": seconds})
