@@ -577,6 +577,54 @@ def test_quantized_weights_materialised(tmp_path):
     np.testing.assert_allclose(interp.predict({"x": x})["y"], x @ w_q.T, rtol=1e-4, atol=1e-4)
 
 
+def test_palettized_and_blockwise_weights_materialised(tmp_path):
+    """4-bit LUT (constexpr_lut_to_dense) and int4 per-block (constexpr_blockwise_shift_scale)."""
+    import coremltools.optimize.coreml as cto
+
+    w = _randn(32, 64)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3, 64))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=w, name="y")
+
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
+    x = _randn(3, 64)
+    exact = x @ w.T
+    configs = {
+        "lut": cto.OptimizationConfig(
+            global_config=cto.OpPalettizerConfig(mode="uniform", nbits=4, weight_threshold=0)
+        ),
+        "int4": cto.OptimizationConfig(
+            global_config=cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric",
+                dtype="int4",
+                granularity="per_block",
+                block_size=32,
+                weight_threshold=0,
+            )
+        ),
+    }
+    for name, config in configs.items():
+        if name == "lut":
+            compressed = cto.palettize_weights(model, config)
+        else:
+            compressed = cto.linear_quantize_weights(model, config)
+        path = tmp_path / f"{name}.mlpackage"
+        compressed.save(str(path))
+        interp = InterpreterModel(path)
+        assert any(k.startswith("constexpr_") for k in interp.plan.op_counts), name
+        got = interp.predict({"x": x})["y"]
+        # 4 bits: close to the exact product, but not equal to it.
+        err = _rel(got, exact)
+        assert 1e-4 < err < 0.25, (name, err)
+
+
 # ----------------------------------------------------------------------- states
 
 
