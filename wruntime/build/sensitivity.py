@@ -1,0 +1,484 @@
+"""Per-layer sensitivity to compression, and the `auto` precision chosen from it.
+
+How much does compressing one weight, alone, hurt? Measured end to end: the
+weight is compressed and decompressed exactly as coremltools would store it
+(`compress.simulate` on the weight as it sits in the fp16 package, fused q/k/v
+and vocabulary chunks included), mapped back onto the canonical weights, and the
+numpy reference forward pass (`wruntime.oracle`) is run on a few real clips. The
+error is the KL divergence of the decoder's next-token distribution from the
+uncompressed (fp16-rounded) model's, over the tokens the uncompressed model
+itself decodes (teacher forcing), averaged over positions and clips.
+
+Measuring every candidate of every layer would cost one forward pass each; by
+default each layer is measured once, with its most aggressive candidate, and
+the other candidates' errors are scaled by their relative weight noise
+(||W - Wq||^2 / ||W||^2): for small perturbations the KL is quadratic in the
+perturbation, so linear in that noise. ``exhaustive=True`` measures them all.
+
+`choose` then spends a budget greedily: from fp16 everywhere, it repeatedly
+takes the move (a layer to a smaller candidate) that adds the least error per
+byte saved, until the model fits a size budget, or while it stays under an
+error budget. The table it chose from is returned with the choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wruntime.build.compress import (
+    KEEP,
+    PackageWeight,
+    effective_rule,
+    first_match,
+    identify_weights,
+    rule_bits,
+    rule_label,
+    simulate,
+)
+from wruntime.catalog import CompressionRule, PrecisionSpec
+from wruntime.errors import WruntimeError
+from wruntime.weights.canonical import WhisperWeights
+
+__all__ = [
+    "Budget",
+    "Choice",
+    "LayerSensitivity",
+    "SensitivityTable",
+    "choices_for_precision",
+    "choose",
+    "default_clips",
+    "measure_sensitivity",
+]
+
+#: How many times a decoder weight is stored in a model directory (decoder.mlpackage
+#: and decoder_stateful.mlpackage; the stateful functions share theirs).
+DECODER_COPIES = 2
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_clips() -> list[Path]:
+    """The committed test clips of a checkout (real speech, 3 to 11 s)."""
+    data = _ROOT / "tests" / "data"
+    clips = sorted(p for p in data.glob("*") if p.suffix in (".flac", ".wav"))
+    if not clips:
+        raise WruntimeError("No clips to measure sensitivity on: pass some audio files.")
+    return clips
+
+
+@dataclass
+class LayerSensitivity:
+    """One compressible unit (a package constant) and what each candidate costs."""
+
+    layer: str
+    package: str  # "encoder" or "decoder"
+    size: int  # elements
+    copies: int  # times stored in a model directory
+    fixed: str | None  # a recipe rule took it out of the search: that rule's label
+    #: candidate label -> bits per weight (scales and tables included)
+    bits: dict[str, float] = field(default_factory=dict)
+    #: candidate label -> relative weight noise ||W - Wq||^2 / ||W||^2
+    noise: dict[str, float] = field(default_factory=dict)
+    #: candidate label -> KL divergence (measured or scaled from the measured one)
+    error: dict[str, float] = field(default_factory=dict)
+    measured: list[str] = field(default_factory=list)
+
+    def size_bytes(self, label: str) -> float:
+        return self.size * self.bits[label] / 8 * self.copies
+
+
+@dataclass
+class SensitivityTable:
+    architecture: str
+    clips: list[str]
+    candidates: list[dict[str, Any]]
+    layers: list[LayerSensitivity]
+    #: Bytes of a model directory that no choice changes (fixed weights, biases, tokenizer).
+    other_bytes: float
+    #: The fp16 model directory's size in bytes.
+    fp16_bytes: float
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SensitivityTable:
+        layers = [LayerSensitivity(**layer) for layer in data.pop("layers")]
+        return cls(layers=layers, **data)
+
+    def candidate_rules(self) -> dict[str, CompressionRule]:
+        rules = [
+            CompressionRule.from_dict({"target": "global", **c}, "sensitivity")
+            for c in self.candidates
+        ]
+        return {rule_label(r): r for r in rules}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What `choose` must meet: a size (MB, or a fraction of the fp16 model) or an error."""
+
+    max_mb: float | None = None
+    max_fraction: float | None = None
+    max_error: float | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Budget:
+        metric, value = spec.get("metric"), float(spec.get("max", 0))
+        if metric == "size_fraction":
+            return cls(max_fraction=value)
+        if metric == "size_mb":
+            return cls(max_mb=value)
+        if metric == "kl":
+            return cls(max_error=value)
+        raise WruntimeError(f"Unknown sensitivity budget metric {metric!r}.")
+
+    def describe(self) -> str:
+        if self.max_mb is not None:
+            return f"<= {self.max_mb:g} MB"
+        if self.max_fraction is not None:
+            return f"<= {self.max_fraction:.0%} of fp16"
+        return f"summed KL <= {self.max_error:g}"
+
+
+@dataclass
+class Choice:
+    """The per-layer candidates chosen, the predicted size and error, and the table."""
+
+    rules: dict[str, CompressionRule]
+    labels: dict[str, str]
+    size_bytes: float
+    fraction: float
+    predicted_error: float
+    budget: Budget
+    met: bool
+    table: SensitivityTable
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per layer, most sensitive first: what was chosen among what."""
+        out = []
+        for layer in sorted(self.table.layers, key=lambda x: -max(x.error.values(), default=0)):
+            out.append(
+                {
+                    "layer": layer.layer,
+                    "params": layer.size,
+                    "chosen": self.labels.get(layer.layer, layer.fixed or "fp16"),
+                    **{f"kl[{k}]": v for k, v in layer.error.items()},
+                }
+            )
+        return out
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _fp16_packages(arch: str, weights: WhisperWeights | None) -> tuple[Path, float]:
+    from wruntime.build.model_dir import directory_size
+    from wruntime.build.pipeline import ensure_model
+
+    model = ensure_model(f"{arch}-fp16", progress=False, weights=weights)
+    return Path(model.path), float(directory_size(Path(model.path)))
+
+
+def _package_values(path: Path, weights: WhisperWeights) -> list[tuple[PackageWeight, np.ndarray]]:
+    import coremltools as ct
+
+    from wruntime.build.compress import model_program
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    program = model_program(model)
+    values = {}
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type == "const" and op.name not in values:
+                values[op.name] = op.outputs[0].val
+    return [(w, np.asarray(values[w.const])) for w in identify_weights(program, weights)]
+
+
+def _write_back(params: dict[str, np.ndarray], w: PackageWeight, value: np.ndarray) -> None:
+    """Put a package-layout value back onto the canonical weights it came from."""
+    rows = value.squeeze().T if w.segments and w.segments[0].transposed else value
+    rows = np.asarray(rows, dtype=np.float32).reshape(rows.shape[0], -1)
+    for s in w.segments:
+        target = params[s.name]
+        flat = np.array(target.reshape(target.shape[0], -1), dtype=np.float32)
+        flat[s.source_row : s.source_row + (s.stop - s.start)] = rows[s.start : s.stop] / s.scale
+        params[s.name] = flat.reshape(target.shape)
+
+
+def _round_fp16(weights: WhisperWeights) -> WhisperWeights:
+    params = {k: v.astype(np.float16).astype(np.float32) for k, v in weights.params.items()}
+    return dataclasses.replace(weights, params=params)
+
+
+class _Probe:
+    """The reference forward pass on a few clips, and the KL of a perturbed model from it."""
+
+    def __init__(self, weights: WhisperWeights, clips: Sequence[Path]) -> None:
+        from wruntime import oracle
+        from wruntime.audio import load_audio
+        from wruntime.features import log_mel_spectrogram, pad_or_trim
+
+        self.oracle = oracle
+        self.base = _round_fp16(weights)
+        from wruntime.tokenizer import get_tokenizer
+
+        dims = weights.dims
+        tokenizer = get_tokenizer(
+            list(weights.tokenizer_files.values()),
+            multilingual=dims.is_multilingual,
+            num_languages=None,
+        )
+        sot = list(tokenizer.sot_sequence_including_notimestamps)
+        self.items = []
+        for clip in clips:
+            audio = pad_or_trim(load_audio(clip))
+            mel = log_mel_spectrogram(audio, dims.n_mels)
+            feats = oracle.encode(self.base, mel)
+            tokens = oracle.greedy_tokens(self.base, None, sot, max_tokens=96, audio_features=feats)
+            seq = np.array(sot + tokens, dtype=np.int64)
+            logp = self._logp(self.base, seq, feats)
+            self.items.append((mel, feats, seq, logp))
+
+    @staticmethod
+    def _log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    def _logp(self, w: WhisperWeights, seq: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        return self._log_softmax(self.oracle.logits_for_sequence(w, seq, feats).astype(np.float64))
+
+    def kl(self, weights: WhisperWeights, encoder_changed: bool) -> float:
+        total = 0.0
+        for mel, feats, seq, ref in self.items:
+            if encoder_changed:
+                feats = self.oracle.encode(weights, mel)
+            logp = self._logp(weights, seq, feats)
+            total += float(np.mean(np.sum(np.exp(ref) * (ref - logp), axis=-1)))
+        return total / len(self.items)
+
+
+def _cache_path(arch: str, clips: Sequence[Path], candidates: list[dict[str, Any]]) -> Path:
+    from wruntime.build.model_dir import wruntime_home
+
+    key = json.dumps(
+        {"arch": arch, "clips": [str(c) for c in clips], "candidates": candidates, "v": 1},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return wruntime_home() / "sensitivity" / f"{arch}-{digest}.json"
+
+
+def measure_sensitivity(
+    arch: str,
+    candidates: Sequence[dict[str, Any]],
+    *,
+    fixed: Sequence[CompressionRule] = (),
+    weights: WhisperWeights | None = None,
+    clips: Sequence[Path] | None = None,
+    exhaustive: bool = False,
+    layers: Sequence[str] | None = None,
+    cache: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SensitivityTable:
+    """The sensitivity table of an architecture's compressible weights (cached on disk).
+
+    ``candidates`` are rule dicts without a target (models/precisions.json's form);
+    weights a ``fixed`` rule matches are taken out of the search. ``layers`` limits
+    the measurement to some layer keys (for tests); the others get no error.
+    """
+    from wruntime.catalog import load_architecture_weights
+
+    say = log or (lambda _: None)
+    candidates = [dict(c) for c in candidates]
+    clips = [Path(c) for c in (clips or default_clips())]
+    path = _cache_path(arch, clips, candidates)
+    if layers is None and cache and path.is_file():
+        return SensitivityTable.from_json(json.loads(path.read_text()))
+    started = time.perf_counter()
+    w = weights if weights is not None else load_architecture_weights(arch)
+    fp16_dir, fp16_bytes = _fp16_packages(arch, weights)
+    rules = [CompressionRule.from_dict({"target": "global", **c}, "candidates") for c in candidates]
+    labels = [rule_label(r) for r in rules]
+    say(f"reference pass on {len(clips)} clips")
+    probe = _Probe(w, clips)
+
+    table_layers: list[LayerSensitivity] = []
+    variable = 0.0
+    for package, file, copies in (
+        ("encoder", "encoder.mlpackage", 1),
+        ("decoder", "decoder.mlpackage", DECODER_COPIES),
+    ):
+        for pw, value in _package_values(fp16_dir / file, w):
+            fixed_rule = first_match(fixed, pw)
+            row = LayerSensitivity(
+                pw.layer,
+                package,
+                pw.size,
+                copies,
+                rule_label(effective_rule(fixed_rule, pw)) if fixed_rule else None,
+            )
+            table_layers.append(row)
+            if fixed_rule is not None or not pw.segments:
+                continue
+            variable += pw.size * 2 * copies
+            if layers is not None and pw.layer not in layers:
+                continue
+            base = value.astype(np.float32)
+            power = float(np.sum(base**2)) or 1.0
+            for rule, label in zip(rules, labels, strict=True):
+                eff = effective_rule(rule, pw)
+                row.bits[label] = rule_bits(eff, pw)
+                q = value if eff.kind == "none" else simulate(value, eff)
+                row.noise[label] = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
+            to_measure = [labels[i] for i, r in enumerate(rules) if r.kind != "none"]
+            if not exhaustive:
+                to_measure = [max(to_measure, key=lambda lab: row.noise[lab])]
+            t0 = time.perf_counter()
+            for label in to_measure:
+                eff = effective_rule(rules[labels.index(label)], pw)
+                params = dict(probe.base.params)
+                _write_back(params, pw, simulate(value, eff))
+                perturbed = dataclasses.replace(probe.base, params=params)
+                row.error[label] = probe.kl(perturbed, encoder_changed=package == "encoder")
+                row.measured.append(label)
+            for label in labels:
+                if label in row.error:
+                    continue
+                ref = row.measured[0]
+                scale = row.error[ref] / row.noise[ref] if row.noise[ref] > 0 else 0.0
+                row.error[label] = scale * row.noise[label]
+            say(
+                f"{pw.layer}: "
+                + ", ".join(f"{k} {v:.2e}" for k, v in row.error.items())
+                + f" ({time.perf_counter() - t0:.1f} s)"
+            )
+    table = SensitivityTable(
+        architecture=arch,
+        clips=[str(c) for c in clips],
+        candidates=candidates,
+        layers=table_layers,
+        other_bytes=fp16_bytes - variable,
+        fp16_bytes=fp16_bytes,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    if layers is None and cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table.to_json(), indent=1))
+        os.replace(tmp, path)
+    return table
+
+
+# ------------------------------------------------------------------ choosing
+
+
+def choose(table: SensitivityTable, budget: Budget) -> Choice:
+    """Per-layer candidates meeting the budget, greedily by error added per byte saved."""
+    rules = table.candidate_rules()
+    search = [layer for layer in table.layers if layer.fixed is None and layer.error]
+    current = {layer.layer: "fp16" for layer in search}
+    fp16_label = next((lab for lab, r in rules.items() if r.kind == "none"), None)
+
+    def bits(layer: LayerSensitivity, label: str) -> float:
+        return 16.0 if label == "fp16" else layer.bits[label]
+
+    def err(layer: LayerSensitivity, label: str) -> float:
+        return 0.0 if label in ("fp16", fp16_label) else layer.error[label]
+
+    def size() -> float:
+        return table.other_bytes + sum(
+            layer.size * bits(layer, current[layer.layer]) / 8 * layer.copies for layer in search
+        )
+
+    def total_error() -> float:
+        return sum(err(layer, current[layer.layer]) for layer in search)
+
+    target = None
+    if budget.max_mb is not None:
+        target = budget.max_mb * 1e6
+    elif budget.max_fraction is not None:
+        target = budget.max_fraction * table.fp16_bytes
+    while True:
+        if target is not None and size() <= target:
+            break
+        best = None
+        for layer in search:
+            now = current[layer.layer]
+            for label in layer.error:
+                saved = (bits(layer, now) - bits(layer, label)) * layer.size / 8 * layer.copies
+                if saved <= 0:
+                    continue
+                cost = max(err(layer, label) - err(layer, now), 0.0) / saved
+                if best is None or cost < best[0]:
+                    best = (cost, layer, label)
+        if best is None:
+            break
+        _, layer, label = best
+        if budget.max_error is not None:
+            extra = err(layer, label) - err(layer, current[layer.layer])
+            if total_error() + extra > budget.max_error:
+                break
+        current[layer.layer] = label
+    final = size()
+    met = (target is None or final <= target) and (
+        budget.max_error is None or total_error() <= budget.max_error
+    )
+    chosen_rules = {
+        name: (KEEP if label == "fp16" else rules[label]) for name, label in current.items()
+    }
+    return Choice(
+        rules=chosen_rules,
+        labels=current,
+        size_bytes=final,
+        fraction=final / table.fp16_bytes,
+        predicted_error=total_error(),
+        budget=budget,
+        met=met,
+        table=table,
+    )
+
+
+def choices_for_precision(
+    precision: PrecisionSpec,
+    weights: WhisperWeights,
+    *,
+    arch: str | None = None,
+    budget: Budget | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, CompressionRule]:
+    """Per-layer rules for a precision with a ``sensitivity`` search (the builder's hook)."""
+    from wruntime.catalog import architectures
+
+    spec = precision.sensitivity or {}
+    if arch is None:
+        arch = next((a.name for a in architectures().values() if a.dims == weights.dims), None)
+        if arch is None:
+            raise WruntimeError("The weights match no catalog architecture to search.")
+    table = measure_sensitivity(
+        arch,
+        spec.get("candidates", []),
+        fixed=precision.compression,
+        weights=weights,
+        log=log,
+    )
+    choice = choose(table, budget or Budget.from_spec(spec.get("budget", {})))
+    if log:
+        log(
+            f"auto: {choice.fraction:.1%} of fp16 ({choice.size_bytes / 1e6:.1f} MB), "
+            f"predicted KL {choice.predicted_error:.3g}, budget {choice.budget.describe()}"
+            + ("" if choice.met else " (NOT met: smallest candidates everywhere)")
+        )
+    return choice.rules
