@@ -99,19 +99,15 @@ def plan_for(name_or_spec: Any) -> tuple[BuildPlan, Any]:
     return plan, spec
 
 
-def compression_stages(plan: BuildPlan, spec: Any) -> list[PackageStage]:
-    """The package stages a precision's recipe needs (none for fp32 / fp16).
+def compression_stages(
+    plan: BuildPlan, spec: Any, weights: WhisperWeights | None = None
+) -> list[PackageStage]:
+    """The package stages a precision's recipe needs (none for fp32 / fp16)."""
+    if not plan.compressed:
+        return []
+    from wruntime.build.compress import compression_stages as recipe_stages
 
-    The compression issue replaces this with stages built from the catalog's
-    recipe (spec.precision.compression); until then compressed precisions are
-    refused before any work is done.
-    """
-    if plan.compressed:
-        raise WruntimeError(
-            f"{plan.name}: this builder cannot compress weights yet; use "
-            f"{plan.architecture}-fp16 or {plan.architecture}-fp32."
-        )
-    return []
+    return list(recipe_stages(spec.precision, weights))
 
 
 def _resolve_weights(plan: BuildPlan, spec: Any, weights: Any) -> WhisperWeights:
@@ -164,12 +160,12 @@ def build_model(
         if _usable(dest_path):
             return dest_path
         force = True  # damaged or from another builder: asked to build, so rebuild it
-    package_stages = list(stages) if stages is not None else compression_stages(plan, spec)
     report = progress or (lambda *_: None)
     total = len(_STAGES)
 
     report(_STAGES[0], 1, total)
     w = _resolve_weights(plan, spec, weights)
+    package_stages = list(stages) if stages is not None else compression_stages(plan, spec, w)
     target = plan.deployment_target
     stateful_target = _stateful_target(target)
     batches = tuple(io.STATEFUL_BATCHES) if stateful else ()
