@@ -199,6 +199,20 @@ def test_untouched_copy_loads_without_rehashing(fp16_dir: ModelDirectory, tmp_pa
     assert load_model_dir(copy, verify=True).manifest == fp16_dir.manifest
 
 
+def test_opening_a_package_does_not_force_a_rehash(
+    fp16_dir: ModelDirectory, tmp_path: Path
+) -> None:
+    """coremltools rewrites Manifest.json on open (same bytes, new mtime): still no full hash."""
+    from wruntime.build.convert import describe_package
+
+    copy = _linked_copy(fp16_dir.path, tmp_path / "m")
+    load_model_dir(copy, verify=True)
+    stamp = (copy / STAMP_FILE).stat().st_mtime_ns
+    describe_package(copy / io.DECODER_FILE)
+    load_model_dir(copy)
+    assert (copy / STAMP_FILE).stat().st_mtime_ns == stamp
+
+
 @pytest.mark.parametrize("verify", [None, True])
 def test_a_flipped_byte_is_refused(fp16_dir: ModelDirectory, tmp_path: Path, verify) -> None:
     copy = _linked_copy(fp16_dir.path, tmp_path / "m")

@@ -45,6 +45,8 @@ def build_encoder_program(weights: WhisperWeights, *, fp16: bool, target: object
 
     ``target`` is the ``ct.target`` whose opset the ops are taken from.
     """
+    # ANE: static shapes only; a flexible dimension would keep the encoder off the
+    # Neural Engine (one 30 s window per call, always 3000 frames).
     spec = mb.TensorSpec(shape=(1, weights.dims.n_mels, io.N_FRAMES), dtype=types.fp32)
     with compute_dtype(fp16):
         return _encoder_program(weights, spec, target)
