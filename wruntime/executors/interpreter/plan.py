@@ -168,6 +168,51 @@ def _is_state(var: Any) -> bool:
     return types.is_state(var.sym_type)
 
 
+# Ops whose output holds only values taken from their data inputs.
+_PASS_THROUGH = {
+    "reshape": ("x",),
+    "transpose": ("x",),
+    "expand_dims": ("x",),
+    "squeeze": ("x",),
+    "identity": ("x",),
+    "slice_by_index": ("x",),
+    "slice_by_size": ("x",),
+    "gather": ("x",),
+    "concat": ("values",),
+    "split": ("x",),
+    "stack": ("values",),
+    "tile": ("x",),
+    "slice_update": ("x", "update"),
+}
+
+
+def _produces_fp16_exact(op: Any, exact: set[int], fp16_emulation: bool) -> bool:
+    """Whether `op`'s outputs hold only fp16-representable values, known at plan time.
+
+    True for casts to fp16, state reads and updates (the state is fp16), ops that
+    only move such values, and, under fp16 emulation, every fp16-typed result.
+    """
+    from coremltools.converters.mil.mil import types
+
+    kind = op.op_type
+    if kind in ("read_state", "coreml_update_state"):
+        return True
+    if kind == "cast":
+        dtype = op.inputs.get("dtype")
+        return dtype is not None and dtype.val == "fp16"
+    if fp16_emulation and all(o.dtype == types.fp16 for o in op.outputs):
+        return True
+    names = _PASS_THROUGH.get(kind)
+    if names is None:
+        return False
+    for input_name in names:
+        v = op.inputs.get(input_name)
+        for var in v if isinstance(v, (list, tuple)) else [v]:
+            if var is None or id(var) not in exact:
+                return False
+    return True
+
+
 def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> Plan:
     """Plan function `name` of a loaded MIL program."""
     if name not in program.functions:
@@ -196,6 +241,9 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
         else:
             input_slots[input_name] = slot_of(var)
 
+    # Vars that hold only fp16 values whatever the inputs (see _produces_fp16_exact).
+    exact: set[int] = {id(v) for v in function.inputs.values() if _is_state(v)}
+
     def known_value(var: Any) -> Any:
         return known.get(id(var))
 
@@ -210,7 +258,9 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
                     value = round_fp16(value)
                 known[id(var)] = value
             continue
-        fn, in_vars = KERNELS[kind](Args(op, known_value, name))
+        fn, in_vars = KERNELS[kind](Args(op, known_value, name, lambda v: id(v) in exact))
+        if _produces_fp16_exact(op, exact, fp16_emulation):
+            exact.update(id(v) for v in op.outputs)
         if kind not in STATEFUL_OPS and in_vars and all(id(v) in known for v in in_vars):
             # Constant folding: nothing here depends on the inputs of a run.
             try:
