@@ -827,3 +827,60 @@ def test_real_stateful_decoder_matches_explicit(test_home, tiny_weights, oracle_
         )
         start += seq.shape[1]
         seq = np.array([[int(np.argmax(out_e["logits"][0, -1]))]], np.int32)
+
+
+@pytest.mark.slow
+def test_real_stateful_batch5_reorders_beams(test_home, tiny_weights, oracle_run):
+    """beam_order picks the cache rows each beam continues, as the explicit runtime would."""
+    from wruntime import oracle
+
+    model_dir = _model_dir(test_home, "tiny.en-fp32")
+    ck, cv = oracle_run
+    cross = {"cross_k": ck, "cross_v": cv}
+    stateful = InterpreterModel(model_dir.package("decoder_stateful"), function_name="batch5")
+    explicit = InterpreterModel(model_dir.package("decoder"))
+    d = tiny_weights.dims
+    n, b = d.n_text_ctx, 5
+    kc = np.zeros((d.n_text_layer, b, d.n_text_state, n), np.float32)
+    vc = np.zeros_like(kc)
+    state = stateful.make_state()
+    steps = [
+        (np.tile([[50257, 50362]], (b, 1)), np.arange(b)),
+        (np.array([[440], [400], [1025], [843], [314]]), np.arange(b)),
+        (np.array([[11], [13], [11], [262], [13]]), np.array([2, 2, 0, 1, 4])),
+    ]
+    start = 0
+    for tokens, order in steps:
+        tokens = tokens.astype(np.int32)
+        pos = np.arange(start, start + tokens.shape[1], dtype=np.int32)
+        kc, vc = kc[:, order], vc[:, order]  # the explicit runtime's reorder
+        out_e = explicit.predict(
+            {
+                "tokens": tokens,
+                "positions": pos,
+                "k_cache": kc,
+                "v_cache": vc,
+                "mask": oracle.causal_mask(pos, n),
+                **cross,
+            }
+        )
+        mask = np.where(np.arange(n)[None, :] <= pos[:, None], 0.0, -1e4).astype(np.float32)
+        out_s = stateful.predict(
+            {
+                "tokens": tokens,
+                "positions": pos,
+                "beam_order": order.astype(np.int32),
+                "mask": mask,
+                **cross,
+            },
+            state,
+        )
+        assert out_s["logits"].shape == (b, tokens.shape[1], d.n_vocab)
+        assert _rel(out_s["logits"], out_e["logits"]) <= 5e-4
+        kc[..., pos] = out_e["k_new"].astype(np.float16)
+        vc[..., pos] = out_e["v_new"].astype(np.float16)
+        start += tokens.shape[1]
+    # Beams 0 and 1 continued the same row: their caches agree up to the last token.
+    k_state = state.read_state("k_cache").astype(np.float32)
+    np.testing.assert_array_equal(k_state[:, 0, :, :3], k_state[:, 1, :, :3])
+    assert not np.array_equal(k_state[:, 0, :, 3], k_state[:, 1, :, 3])
