@@ -156,10 +156,11 @@ def build_model(
     started = time.perf_counter()
     plan, spec = plan_for(name_or_spec)
     dest_path = Path(dest) if dest is not None else model_path(plan.name)
+    repair = False  # rebuilding a damaged or stale directory nobody asked to force
     if dest_path.exists() and not force:
         if _usable(dest_path):
             return dest_path
-        force = True  # damaged or from another builder: asked to build, so rebuild it
+        repair = True
     report = progress or (lambda *_: None)
     total = len(_STAGES)
 
@@ -221,7 +222,9 @@ def build_model(
         # The files were hashed a moment ago: stamp them so the first load skips hashing
         # (the stamp holds relative paths and mtimes, which the rename keeps).
         write_stamp(tmp, manifest)
-        publish(tmp, dest_path, replace=force)
+        # A repair replaces the old directory only if no other process repaired it
+        # meanwhile (it may be in use by then); a forced build always replaces.
+        publish(tmp, dest_path, replace=force or (repair and not _usable(dest_path)))
         report("Done", total, total)
     return dest_path
 
@@ -338,7 +341,7 @@ def ensure_model(
         else:
             report = None
         try:
-            build_model(spec, weights=weights, progress=report, force=stale, **build_options)
+            build_model(spec, weights=weights, progress=report, **build_options)
         finally:
             stop()
         verify = False  # hashed by the build a moment ago
