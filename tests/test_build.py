@@ -494,3 +494,40 @@ def test_op_types_are_the_documented_ones(precision: str, request: pytest.Fixtur
     pymil = {"write_state": "coreml_update_state"}
     documented = {pymil.get(op, op) for op in set().union(*PACKAGE_OP_TYPES.values())} - {"const"}
     assert documented <= supported_ops(), documented - supported_ops()
+
+
+def test_fp16_package_holds_up_in_fp16_arithmetic(
+    fp16_dir: ModelDirectory, tiny_weights: WhisperWeights, jfk_mel
+) -> None:
+    """Every intermediate rounded to fp16 (the interpreter's emulation): the channel layer
+    norm must neither overflow on the encoder's ~600-magnitude residual channels nor lose
+    the decoder's ~3e-4 variances, so the outputs stay within fp16 noise of the oracle."""
+    from wruntime import oracle
+
+    try:
+        from wruntime.executors.interpreter import InterpreterModel
+    except ImportError:  # pragma: no cover
+        pytest.skip("the MIL interpreter is not available")
+    w = tiny_weights
+    enc = InterpreterModel(fp16_dir.package("encoder"), fp16_emulation=True)
+    got = enc.predict({"mel": jfk_mel})
+    ck, cv = oracle.cross_kv(w, oracle.encode(w, jfk_mel))
+    assert _rel_err(got["cross_k"], ck) < 2e-2 and _rel_err(got["cross_v"], cv) < 2e-2
+    n = w.dims.n_text_ctx
+    dec = InterpreterModel(fp16_dir.package("decoder"), fp16_emulation=True)
+    tokens, pos = np.array([[50257, 50362]], np.int32), np.arange(2, dtype=np.int32)
+    kc = np.zeros((w.dims.n_text_layer, 1, w.dims.n_text_state, n), np.float32)
+    out = dec.predict(
+        dict(
+            tokens=tokens,
+            positions=pos,
+            k_cache=kc,
+            v_cache=kc,
+            mask=oracle.causal_mask(pos, n),
+            cross_k=got["cross_k"],
+            cross_v=got["cross_v"],
+        )
+    )
+    ref = oracle.decode(w, tokens, pos, kc, kc, ck, cv)
+    assert _rel_err(out["logits"], ref.logits) < 2e-2
+    assert (out["logits"].argmax(-1) == ref.logits.argmax(-1)).all()
