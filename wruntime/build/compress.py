@@ -429,29 +429,60 @@ def compress_model(
 ) -> Any:
     """Compress the constants named in ``assignments`` (const name -> rule) of a model.
 
-    Palettization runs first, then linear quantization, each with per-constant configs.
+    coremltools' palettization and quantization passes run on the model's program
+    with per-constant configs (palettization first), as its public
+    ``palettize_weights`` / ``linear_quantize_weights`` do; but the program is then
+    serialised without rerunning the default pass pipeline, whose batch-norm fusion
+    rejects the builder's fp16 programs (see `convert.pass_pipeline`) and which
+    would only redo the conversion's work.
     """
-    from coremltools.optimize.coreml import (
-        OptimizationConfig,
-        linear_quantize_weights,
-        palettize_weights,
-    )
+    import coremltools as ct
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models.utils import _apply_graph_pass
+    from coremltools.optimize.coreml import OptimizationConfig
 
     from wruntime.build.convert import quiet
 
     say = log or (lambda _: None)
-    for kind, apply in (
-        ("palettize", palettize_weights),
-        ("linear_quantize", linear_quantize_weights),
+    passes = []
+    for kind, pass_name in (
+        ("palettize", "compression::palettize_weights"),
+        ("linear_quantize", "compression::linear_quantize_weights"),
     ):
         configs = {c: op_config(r) for c, r in assignments.items() if r.kind == kind}
         if not configs:
             continue
-        started = time.perf_counter()
-        with quiet():
-            model = apply(model, OptimizationConfig(op_name_configs=configs))
-        say(f"{kind}: {len(configs)} weights in {time.perf_counter() - started:.1f} s")
-    return model
+        graph_pass = PASS_REGISTRY[pass_name]
+        graph_pass.set_options(
+            [
+                PassOption("config", OptimizationConfig(op_name_configs=configs)),
+                PassOption("joint_compression", False),
+            ]
+        )
+        passes.append((kind, len(configs), graph_pass))
+    if not passes:
+        return model
+    started = time.perf_counter()
+    spec = model.get_spec()
+    with quiet():
+        program = _apply_graph_pass(model, [p for _, _, p in passes], return_pymil_prog=True)
+        compressed = mil_convert(
+            program,
+            convert_to="mlprogram",
+            convert_from="milinternal",
+            specification_version=spec.specificationVersion,
+            compute_units=model.compute_unit,
+            model_description=spec.description,
+            skip_model_load=True,
+            pass_pipeline=ct.PassPipeline(
+                pass_names=["common::dead_code_elimination"], pipeline_name="compressed"
+            ),
+        )
+    counts = ", ".join(f"{n} {kind}" for kind, n, _ in passes)
+    say(f"compressed {counts} in {time.perf_counter() - started:.1f} s")
+    return compressed
 
 
 @dataclass

@@ -1,0 +1,165 @@
+"""Size and accuracy of every precision: on-disk size, ratio to fp16, WER, build time.
+
+    python benchmarks/compression_table.py                       # tiny.en, every precision, all clips
+    python benchmarks/compression_table.py --arch base --precisions fp16,int8,pal8
+    python benchmarks/compression_table.py --per-group 20        # first 20 LibriSpeech + 20 others
+
+Each model is built on first use (into $WRUNTIME_HOME, the cache: later runs reuse
+it; the manifest's build_seconds is the time it took) and transcribes through the
+MIL interpreter, greedy (temperature 0, no fallback), with fp16 emulation for
+fp16-compute models, so the packages measured are the ones that ship. Transcripts
+are saved per model as they are made (benchmarks/results/compression_<model>.json)
+and reused, so an interrupted run resumes. WER is computed in the reference venv
+with openai-whisper's EnglishTextNormalizer and jiwer, for the LibriSpeech
+utterances and for the rest of the manifest (LJSpeech, JFK, Earnings-22, MFA,
+telephone), and written as a markdown table to
+benchmarks/results/compression_<arch>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DEFAULT_MANIFEST, RESULTS, read_manifest, run_peer, write_results
+
+GROUPS = ("librispeech", "other")
+DEFAULT_PRECISIONS = "fp32,fp16,int8,pal8,pal6,int4,pal4,mixed,auto"
+
+
+def _group(key: str) -> str:
+    return "librispeech" if key.startswith("librispeech") else "other"
+
+
+def _transcripts(model: str, items: list, fp16: bool) -> dict[str, str]:
+    """Transcripts of every item (resumed from the saved file), through the interpreter."""
+    from wruntime import Transcriber
+
+    path = RESULTS / f"compression_{model}.json"
+    done: dict[str, str] = {}
+    if path.is_file():
+        done = json.loads(path.read_text(encoding="utf-8")).get("texts", {})
+    todo = [it for it in items if it.key not in done]
+    if todo:
+        t = Transcriber(model, executor="interpreter", fp16_emulation=fp16)
+        started = time.perf_counter()
+        for i, it in enumerate(todo):
+            done[it.key] = t.transcribe(str(it.path), temperature=0.0).text
+            print(f"  {model} {i + 1}/{len(todo)} {it.key}: {done[it.key][:50]!r}", flush=True)
+            if (i + 1) % 10 == 0 or i + 1 == len(todo):
+                write_results(path.name, {"model": model, "texts": done})
+        print(f"{model}: {len(todo)} files in {time.perf_counter() - started:.0f} s", flush=True)
+    return {it.key: done[it.key] for it in items}
+
+
+def peer_worker(args: argparse.Namespace) -> None:
+    """In the reference venv: WER per group, after openai-whisper's English normaliser."""
+    import jiwer
+    from whisper.normalizers import EnglishTextNormalizer
+
+    job = json.loads(Path(args.job).read_text(encoding="utf-8"))
+    norm = EnglishTextNormalizer()
+    out: dict[str, dict[str, float]] = {}
+    for model, texts in job["texts"].items():
+        out[model] = {}
+        for group in (*GROUPS, "all"):
+            keys = [
+                k
+                for k in texts
+                if (group == "all" or _group(k) == group) and norm(job["refs"][k]).strip()
+            ]
+            if keys:
+                refs = [norm(job["refs"][k]) for k in keys]
+                hyps = [norm(texts[k]) for k in keys]
+                out[model][group] = 100.0 * jiwer.wer(refs, hyps)
+    Path(args.answer).write_text(json.dumps(out), encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--arch", default="tiny.en")
+    ap.add_argument("--precisions", default=DEFAULT_PRECISIONS)
+    ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
+    ap.add_argument("--per-group", type=int, default=None, help="first N files of each group")
+    ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--answer", help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer_worker:
+        peer_worker(args)
+        return
+
+    from wruntime.build.model_dir import directory_size
+    from wruntime.build.pipeline import ensure_model
+    from wruntime.catalog import resolve_model_name
+
+    items = read_manifest(args.manifest)
+    if args.per_group:
+        items = [
+            it for g in GROUPS for it in [x for x in items if _group(x.key) == g][: args.per_group]
+        ]
+    minutes = {g: 0.0 for g in GROUPS}
+    import soundfile
+
+    for it in items:
+        minutes[_group(it.key)] += soundfile.info(str(it.path)).duration / 60
+    rows = {}
+    texts = {}
+    for precision in args.precisions.split(","):
+        name = f"{args.arch}-{precision}"
+        spec = resolve_model_name(name)
+        t0 = time.perf_counter()
+        model = ensure_model(name, progress=True)
+        built_now = time.perf_counter() - t0
+        manifest = model.manifest
+        rows[name] = {
+            "precision": precision,
+            "size_mb": directory_size(Path(model.path)) / 1e6,
+            "build_s": manifest.get("build_seconds", built_now),
+            "target": manifest.get("deployment_target"),
+        }
+        fp16 = spec.precision.compute_precision == "float16"
+        texts[name] = _transcripts(name, items, fp16)
+    refs = {it.key: it.reference for it in items}
+    job = RESULTS / f".compression_job_{args.arch}.json"
+    job.write_text(json.dumps({"texts": texts, "refs": refs}), encoding="utf-8")
+    wers = run_peer(Path(__file__).resolve(), ["--job", str(job)])
+    job.unlink()
+
+    base = rows.get(f"{args.arch}-fp16", {}).get("size_mb")
+    counts = {g: sum(_group(it.key) == g for it in items) for g in GROUPS}
+    command = "python benchmarks/compression_table.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"## Compression: {args.arch}",
+        "",
+        f"Command: `{command.strip()}`. Greedy (temperature 0, no fallback) through the MIL "
+        "interpreter, fp16 emulation for fp16-compute models; WER (%) after openai-whisper's "
+        f"EnglishTextNormalizer. LibriSpeech: {counts['librispeech']} utterances "
+        f"({minutes['librispeech']:.1f} min); other: {counts['other']} files "
+        f"({minutes['other']:.1f} min: LJSpeech, JFK, Earnings-22, MFA, telephone).",
+        "",
+        "| model | target | size MB | vs fp16 | build s | WER LibriSpeech | WER other | WER all |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        w = wers.get(name, {})
+        ratio = f"{row['size_mb'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {name} | {row['target']} | {row['size_mb']:.1f} | {ratio} | {row['build_s']:.0f} | "
+            + " | ".join(f"{w[g]:.2f}" if g in w else "-" for g in (*GROUPS, "all"))
+            + " |"
+        )
+    table = "\n".join(lines) + "\n"
+    out = RESULTS / f"compression_{args.arch}.md"
+    out.write_text(table, encoding="utf-8")
+    write_results(f"compression_{args.arch}.json", {"rows": rows, "wer": wers, "items": len(items)})
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

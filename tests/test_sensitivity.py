@@ -1,0 +1,152 @@
+"""Per-layer sensitivity and the auto chooser, on real tiny.en weights and packages.
+
+The measurement itself runs on two layers and one short clip (the whole table is
+a benchmark-sized job, cached under the model home by `measure_sensitivity`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from wruntime.build.sensitivity import Budget, LayerSensitivity, SensitivityTable, choose
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+INT4 = {
+    "kind": "linear_quantize",
+    "dtype": "int4",
+    "mode": "linear_symmetric",
+    "granularity": "per_block",
+    "block_size": 32,
+}
+INT8 = {
+    "kind": "linear_quantize",
+    "dtype": "int8",
+    "mode": "linear_symmetric",
+    "granularity": "per_channel",
+}
+NONE = {"kind": "none"}
+
+
+def _fp16_dir():
+    from wruntime.build.pipeline import ensure_model
+
+    return ensure_model("tiny.en-fp16", progress=False).path
+
+
+def test_package_values_map_back_onto_the_canonical_weights(tiny_weights):
+    """Fused q/k/v, the scaled query and the transposed positional embedding all land
+    on the right canonical rows (what a simulated compression is written through)."""
+    from wruntime.build.sensitivity import _package_values, _write_back
+
+    path = _fp16_dir()
+    for package in ("encoder.mlpackage", "decoder.mlpackage"):
+        for pw, value in _package_values(path / package, tiny_weights):
+            if not pw.segments:
+                continue
+            params = {n: np.zeros_like(tiny_weights[n]) for n in pw.names}
+            _write_back(params, pw, value)
+            for s in pw.segments:
+                got = params[s.name].reshape(params[s.name].shape[0], -1)
+                want = tiny_weights[s.name].reshape(got.shape[0], -1)
+                rows = slice(s.source_row, s.source_row + s.stop - s.start)
+                np.testing.assert_allclose(got[rows], want[rows], rtol=2e-3, atol=2e-4)
+
+
+def test_simulation_equals_what_the_int8_package_stores(tiny_weights):
+    """`simulate` is coremltools' own arithmetic: it reproduces the built package's weight."""
+    from wruntime.build.compress import simulate
+    from wruntime.build.convert import load_program
+    from wruntime.build.pipeline import ensure_model
+    from wruntime.build.sensitivity import _package_values
+    from wruntime.catalog import CompressionRule
+
+    int8 = ensure_model("tiny.en-int8", progress=False).path
+    stored = {
+        re.sub(r"_quantized$", "", op.name): op.materialized_val_inference()
+        for op in load_program(int8 / "encoder.mlpackage").functions["main"].operations
+        if op.op_type.startswith("constexpr_")
+    }
+    rule = CompressionRule.from_dict({"target": "global", **INT8}, "test")
+    checked = 0
+    for pw, value in _package_values(_fp16_dir() / "encoder.mlpackage", tiny_weights):
+        if pw.layer.endswith(("mlp.0.weight", "attn.key.weight")):
+            np.testing.assert_allclose(
+                simulate(value, rule).astype(np.float32),
+                np.asarray(stored[pw.const], dtype=np.float32),
+                rtol=1e-3,
+                atol=1e-5,
+            )
+            checked += 1
+    assert checked == 8
+
+
+def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(tiny_weights):
+    from conftest import CLIPS
+
+    from wruntime.build.sensitivity import measure_sensitivity
+
+    layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12966]"]
+    table = measure_sensitivity(
+        "tiny.en",
+        [INT4, INT8, NONE],
+        weights=tiny_weights,
+        clips=[CLIPS["experience"][0]],
+        layers=layers,
+    )
+    rows = {row.layer: row for row in table.layers}
+    key, emb = rows[layers[0]], rows[layers[1]]
+    for row in (key, emb):
+        assert row.measured == ["int4/32"]  # the most aggressive candidate, measured
+        assert row.error["int4/32"] > row.error["int8"] > 0 == row.error["fp16"]
+        assert row.noise["int4/32"] > 10 * row.noise["int8"]
+        assert row.bits["int4/32"] == pytest.approx(4.5)
+    assert emb.error["int4/32"] > 3 * key.error["int4/32"]
+    assert emb.copies == 2 and key.copies == 1  # decoder weights live in two packages
+    assert not rows["encoder.blocks.2.mlp.0.weight"].error  # not measured: not searched
+    assert 100e6 < table.fp16_bytes < 200e6
+
+
+def _table() -> SensitivityTable:
+    def layer(name: str, size: int, e4: float, e8: float) -> LayerSensitivity:
+        return LayerSensitivity(
+            layer=name,
+            package="encoder",
+            size=size,
+            copies=1,
+            fixed=None,
+            bits={"int4/32": 4.5, "int8": 8.0, "fp16": 16.0},
+            noise={"int4/32": 1e-2, "int8": 1e-4, "fp16": 0.0},
+            error={"int4/32": e4, "int8": e8, "fp16": 0.0},
+            measured=["int4/32"],
+        )
+
+    return SensitivityTable(
+        architecture="test",
+        clips=[],
+        candidates=[INT4, INT8, NONE],
+        layers=[layer("robust", 1_000_000, 1e-4, 1e-6), layer("fragile", 1_000_000, 1e-1, 1e-3)],
+        other_bytes=0.0,
+        fp16_bytes=4_000_000.0,
+    )
+
+
+def test_choose_spends_bits_on_the_sensitive_layer():
+    choice = choose(_table(), Budget(max_fraction=0.4))
+    assert choice.met and choice.size_bytes <= 0.4 * 4_000_000
+    assert choice.labels == {"robust": "int4/32", "fragile": "int8"}
+    assert choice.predicted_error == pytest.approx(1e-4 + 1e-3)
+    assert [r["layer"] for r in choice.rows()] == ["fragile", "robust"]
+
+
+def test_choose_to_an_error_budget_and_an_impossible_size():
+    loose = choose(_table(), Budget(max_error=2e-3))
+    assert loose.labels == {"robust": "int4/32", "fragile": "int8"}
+    tight = choose(_table(), Budget(max_error=1e-5))
+    assert tight.labels == {"robust": "int8", "fragile": "fp16"}
+    impossible = choose(_table(), Budget(max_mb=0.1))
+    assert not impossible.met
+    assert set(impossible.labels.values()) == {"int4/32"}
