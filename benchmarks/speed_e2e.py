@@ -38,19 +38,25 @@ from _common import (
 )
 
 
-def _time_files(transcribe, audio: dict, repeats: int) -> tuple[float, dict[str, float]]:
-    """Sum of per-file median seconds, and the medians (after one warm-up)."""
+def _time_files(transcribe, audio: dict, repeats: int) -> tuple[float, dict[str, float], float]:
+    """Sum of per-file median wall seconds, the medians, and the summed median CPU seconds.
+
+    CPU time (this process, all threads) is reported beside wall time because
+    on a shared machine other jobs stretch wall time but hardly the CPU time.
+    """
     first = next(iter(audio.values()))
     transcribe(first)
-    medians = {}
+    medians, cpu_medians = {}, []
     for key, samples in audio.items():
-        times = []
+        times, cpus = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             transcribe(samples)
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
         medians[key] = statistics.median(times)
-    return sum(medians.values()), medians
+        cpu_medians.append(statistics.median(cpus))
+    return sum(medians.values()), medians, sum(cpu_medians)
 
 
 def ours(model: str, executor: str, audio: dict, beams: list[int], repeats: int) -> dict:
@@ -69,10 +75,15 @@ def ours(model: str, executor: str, audio: dict, beams: list[int], repeats: int)
             stream.result()
             timer.merge(stream.timer)
 
-        total, medians = _time_files(run, audio, repeats)
+        total, medians, cpu = _time_files(run, audio, repeats)
         stages = timer.to_dict()
         derive_search(stages)
-        results[str(beam)] = {"seconds": total, "per_file": medians, "stages": stages}
+        results[str(beam)] = {
+            "seconds": total,
+            "cpu_seconds": cpu,
+            "per_file": medians,
+            "stages": stages,
+        }
         print(f"wruntime {model} beam={beam}: {total:.2f} s", flush=True)
     return results
 
@@ -96,8 +107,12 @@ def peer_worker(args: argparse.Namespace) -> None:
                 segments, _ = fw.transcribe(samples, beam_size=beam, temperature=0.0, language="en")
                 return [s.text for s in segments]
 
-            total, medians = _time_files(run, audio, args.repeats)
-            out["faster-whisper float32"][str(beam)] = {"seconds": total, "per_file": medians}
+            total, medians, cpu = _time_files(run, audio, args.repeats)
+            out["faster-whisper float32"][str(beam)] = {
+                "seconds": total,
+                "cpu_seconds": cpu,
+                "per_file": medians,
+            }
             print(f"faster-whisper beam={beam}: {total:.2f} s", flush=True)
     if args.checkpoint:
         import whisper
@@ -112,8 +127,12 @@ def peer_worker(args: argparse.Namespace) -> None:
             def run(samples, options=options):  # type: ignore[no-untyped-def]
                 return whisper.transcribe(model, samples, **options)["text"]
 
-            total, medians = _time_files(run, audio, args.repeats)
-            out["openai-whisper fp32"][str(beam)] = {"seconds": total, "per_file": medians}
+            total, medians, cpu = _time_files(run, audio, args.repeats)
+            out["openai-whisper fp32"][str(beam)] = {
+                "seconds": total,
+                "cpu_seconds": cpu,
+                "per_file": medians,
+            }
             print(f"openai-whisper beam={beam}: {total:.2f} s", flush=True)
     Path(args.answer).write_text(json.dumps(out), encoding="utf-8")
 
@@ -174,11 +193,14 @@ def main() -> None:
             peer_args += ["--checkpoint", str(ensure_openai_checkpoint(arch))]
             results.update(run_peer(Path(__file__), peer_args))
 
-    print(f"\n{'program':<28} {'setting':<8} {'seconds':>8} {'RTF':>7}")
+    print(f"\n{'program':<28} {'setting':<8} {'seconds':>8} {'RTF':>7} {'cpu s':>8}")
     for program, settings in results.items():
         for beam, r in settings.items():
             name = "greedy" if beam == "1" else f"beam {beam}"
-            print(f"{program:<28} {name:<8} {r['seconds']:>8.2f} {r['seconds'] / seconds:>7.3f}")
+            print(
+                f"{program:<28} {name:<8} {r['seconds']:>8.2f} {r['seconds'] / seconds:>7.3f}"
+                f" {r.get('cpu_seconds', float('nan')):>8.2f}"
+            )
     for beam, r in results["wruntime " + args.model].items():
         stages = ", ".join(f"{k} {v['wall']:.2f}" for k, v in r["stages"].items() if k != "decode")
         print(f"wruntime stages (beam {beam}, all runs incl. warm-up): {stages}")
