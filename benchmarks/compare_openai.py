@@ -11,7 +11,7 @@ both sides: temperature 0 without fallback (sampling would draw different
 random numbers), greedy or beam search. Reported per setting: the fraction of
 files with identical transcripts, and each side's WER after openai-whisper's
 EnglishTextNormalizer on reference and hypothesis alike. Results go to
-benchmarks/results/compare_openai_<model>.json.
+benchmarks/results/compare_openai_<model>_<subset>[_<limit>].json.
 """
 
 from __future__ import annotations
@@ -152,7 +152,9 @@ def main() -> None:
             f" {100 * r['wer_ours']:>8.2f}% {100 * r['wer_openai']:>9.2f}%"
         )
     out = write_results(
-        f"compare_openai_{args.model}.json",
+        f"compare_openai_{args.model}_{args.subset or 'all'}"
+        + (f"_{args.limit}" if args.limit else "")
+        + ".json",
         {
             "model": args.model,
             "manifest": str(args.manifest),
