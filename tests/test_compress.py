@@ -25,7 +25,7 @@ from wruntime.catalog import CompressionRule, precisions
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 #: Precision -> the largest relative RMS error of a decompressed weight vs fp16.
-RECIPES = {"int8": 0.01, "int4": 0.15, "pal4": 0.15, "pal6": 0.05, "mixed": 0.15}
+RECIPES = {"int8": 0.01, "int4": 0.15, "pal4": 0.15, "pal6": 0.05}
 
 
 def _model(name: str):
@@ -202,7 +202,6 @@ def test_every_constexpr_decompresses_as_coremltools_and_near_fp16(precision):
         "int4": {"constexpr_blockwise_shift_scale"},
         "pal4": {"constexpr_lut_to_dense"},
         "pal6": {"constexpr_lut_to_dense"},
-        "mixed": {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"},
     }[precision]
     assert expected <= kinds
 

@@ -58,6 +58,7 @@ __all__ = [
     "choose",
     "default_clips",
     "measure_sensitivity",
+    "sensitivity_report",
 ]
 
 #: How many times a decoder weight is stored in a model directory (decoder.mlpackage
@@ -270,13 +271,26 @@ class _Probe:
         return total / len(self.items)
 
 
-def _cache_path(arch: str, clips: Sequence[Path], candidates: list[dict[str, Any]]) -> Path:
+def _cache_path(
+    arch: str,
+    clips: Sequence[Path],
+    candidates: list[dict[str, Any]],
+    fixed: Sequence[CompressionRule] = (),
+    exhaustive: bool = False,
+) -> Path:
     from wruntime.build.model_dir import wruntime_home
 
-    key = json.dumps(
-        {"arch": arch, "clips": [str(c) for c in clips], "candidates": candidates, "v": 1},
-        sort_keys=True,
-    )
+    what: dict[str, Any] = {
+        "arch": arch,
+        "clips": [str(c) for c in clips],
+        "candidates": candidates,
+        "v": 1,
+    }
+    if fixed:
+        what["fixed"] = [r.to_dict() for r in fixed]
+    if exhaustive:
+        what["exhaustive"] = True
+    key = json.dumps(what, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return wruntime_home() / "sensitivity" / f"{arch}-{digest}.json"
 
@@ -304,7 +318,7 @@ def measure_sensitivity(
     say = log or (lambda _: None)
     candidates = [dict(c) for c in candidates]
     clips = [Path(c) for c in (clips or default_clips())]
-    path = _cache_path(arch, clips, candidates)
+    path = _cache_path(arch, clips, candidates, fixed, exhaustive)
     if layers is None and cache and path.is_file():
         return SensitivityTable.from_json(json.loads(path.read_text()))
     started = time.perf_counter()
@@ -482,3 +496,35 @@ def choices_for_precision(
             + ("" if choice.met else " (NOT met: smallest candidates everywhere)")
         )
     return choice.rules
+
+
+def sensitivity_report(
+    architecture: str,
+    *,
+    budget: Budget | None = None,
+    clips: Sequence[Path] | None = None,
+    precision: str = "auto",
+    exhaustive: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Choice:
+    """What `wruntime sensitivity ARCH` shows: the per-layer table and the choice for a budget.
+
+    The candidates, fixed rules and default budget are the catalog precision's
+    (``auto``); the table is cached, so asking again with another budget is instant.
+    """
+    from wruntime.catalog import architecture as find_architecture
+    from wruntime.catalog import precisions
+
+    find_architecture(architecture)  # unknown names fail here, with the valid ones
+    spec = precisions().get(precision)
+    if spec is None or spec.sensitivity is None:
+        raise WruntimeError(f"The precision {precision!r} has no sensitivity search.")
+    table = measure_sensitivity(
+        architecture,
+        spec.sensitivity.get("candidates", []),
+        fixed=spec.compression,
+        clips=clips,
+        exhaustive=exhaustive,
+        log=log,
+    )
+    return choose(table, budget or Budget.from_spec(spec.sensitivity.get("budget", {})))
