@@ -519,6 +519,21 @@ def test_multifunction_package_selects_function(tmp_path):
         InterpreterModel(package, function_name="batch5")
 
 
+def test_round_fp16_equals_numpy_float16_everywhere():
+    """The bit-level rounding against numpy's float16, over every magnitude fp16 has."""
+    from wruntime.executors.interpreter.fp16 import round_fp16
+
+    scales = (1e-9, 1e-7, 3e-6, 1e-4, 1e-2, 1.0, 300.0, 3e4, 1e5)
+    values = np.concatenate([_randn(20000) * np.float32(s) for s in scales])
+    special = [0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, -65520, 2**-14, 2**-24, 2**-25]
+    values = np.concatenate([values, np.array(special, np.float32), np.array([np.nan], np.float32)])
+    with np.errstate(over="ignore"):
+        ref = values.astype(np.float16).astype(np.float32)
+    got = round_fp16(values)
+    np.testing.assert_array_equal(got, ref)
+    assert np.signbit(got[values.size - 11]) == np.signbit(ref[values.size - 11])  # -0.0
+
+
 def test_fp16_package_and_emulation(tmp_path):
     w = _randn(16, 16)
 
