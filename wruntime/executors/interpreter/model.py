@@ -101,7 +101,8 @@ class InterpreterModel:
 
     `path` may also be a `Package` already read by `load_package`, so several
     functions of one multifunction package share one read of its weights file.
-    `fp16_emulation` rounds every float result to fp16, to study fp16 numerics.
+    `fp16_emulation` rounds every op's float result to fp16, to study fp16 numerics
+    (inputs enter as the package declares them; an fp16 package casts them itself).
     """
 
     def __init__(
@@ -165,7 +166,7 @@ class InterpreterModel:
         why = desc.shape_error(arr.shape)
         if why:
             raise ExecutorError(f"Input '{name}' {why}.")
-        if desc.dtype == np.float16 or (self.fp16_emulation and desc.dtype.kind == "f"):
+        if desc.dtype == np.float16:
             return round_fp16(arr)
         if desc.dtype.kind == "f":
             return arr.astype(np.float32, copy=False)

@@ -243,6 +243,7 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
 
     # Vars that hold only fp16 values whatever the inputs (see _produces_fp16_exact).
     exact: set[int] = {id(v) for v in function.inputs.values() if _is_state(v)}
+    already_exact: set[int] = set()  # ids of ops whose results need no fp16 rounding
 
     def known_value(var: Any) -> Any:
         return known.get(id(var))
@@ -259,7 +260,12 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
                 known[id(var)] = value
             continue
         fn, in_vars = KERNELS[kind](Args(op, known_value, name, lambda v: id(v) in exact))
-        if _produces_fp16_exact(op, exact, fp16_emulation):
+        # Under emulation every result is rounded, except those already fp16 by
+        # construction (casts to fp16, state values, moved fp16 values).
+        if _produces_fp16_exact(op, exact, False):
+            already_exact.add(id(op))
+            exact.update(id(v) for v in op.outputs)
+        elif _produces_fp16_exact(op, exact, fp16_emulation):
             exact.update(id(v) for v in op.outputs)
         if kind not in STATEFUL_OPS and in_vars and all(id(v) in known for v in in_vars):
             # Constant folding: nothing here depends on the inputs of a run.
@@ -305,7 +311,7 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
 
     steps = []
     for index, (fn, in_vars, out_vars, op) in enumerate(raw_steps):
-        rounds = fp16_emulation and op.op_type not in _DATA_MOVEMENT
+        rounds = fp16_emulation and op.op_type not in _DATA_MOVEMENT and id(op) not in already_exact
         steps.append(
             Step(
                 fn=fn,
