@@ -219,6 +219,75 @@ def test_products_reductions_and_norms(tmp_path):
     assert out["argmax"].dtype == np.int32
 
 
+def test_less_common_ops(tmp_path):
+    @mb.program(
+        input_specs=[
+            mb.TensorSpec(shape=(2, 3, 5)),
+            mb.TensorSpec(shape=(2, 4, 5)),
+            mb.TensorSpec(shape=(2, 4, 5)),
+            mb.TensorSpec(shape=(4,), dtype=types.int32),
+            mb.TensorSpec(shape=(2, 2), dtype=types.int32),
+        ],
+        opset_version=ct.target.iOS18,
+    )
+    def prog(q, k, v, ints, nd):
+        values, indices = mb.topk(x=q, k=2, axis=-1, ascending=False)
+        return (
+            mb.scaled_dot_product_attention(query=q, key=k, value=v, name="sdpa"),
+            mb.identity(x=values, name="topk_v"),
+            mb.identity(x=indices, name="topk_i"),
+            mb.argsort(x=q, axis=1, ascending=True, name="argsort"),
+            mb.cumsum(x=q, axis=2, exclusive=True, reverse=False, name="cumsum"),
+            mb.gather_nd(x=q, indices=nd, name="gather_nd"),
+            mb.pad(x=q, pad=[1, 1], mode="reflect", name="pad_reflect"),
+            mb.pad(x=q, pad=[2, 0], mode="replicate", name="pad_edge"),
+            mb.one_hot(indices=ints, one_hot_vector_size=6, axis=-1, name="one_hot"),
+            mb.silu(x=q, name="silu"),
+            mb.softplus(x=q, name="softplus"),
+            mb.reduce_min(x=q, axes=[1], name="rmin"),
+            mb.reduce_prod(x=q, axes=[2], keep_dims=True, name="rprod"),
+            mb.reduce_l2_norm(x=q, axes=[2], name="rl2"),
+            mb.reduce_log_sum_exp(x=q, axes=[2], name="rlse"),
+            mb.sign(x=q, name="sign"),
+            mb.floor_div(x=ints, y=np.int32(3), name="floordiv"),
+            mb.mod(x=ints, y=np.int32(3), name="mod"),
+            mb.squeeze(x=mb.expand_dims(x=q, axes=[0, 2]), name="squeeze_all"),
+        )
+
+    model = InterpreterModel(_save(prog, tmp_path / "misc.mlpackage", target=ct.target.iOS18))
+    q, k, v = _randn(2, 3, 5), _randn(2, 4, 5), _randn(2, 4, 5)
+    ints = np.array([0, 5, 3, 4], np.int32)
+    nd = np.array([[1, 2], [0, 0]], np.int32)
+    out = model.predict({"q": q, "k": k, "v": v, "ints": ints, "nd": nd})
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(5)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    order = np.argsort(-q, axis=-1, kind="stable")[..., :2]
+    expected = {
+        "sdpa": (e / e.sum(-1, keepdims=True)) @ v,
+        "topk_v": np.take_along_axis(q, order, -1),
+        "topk_i": order,
+        "argsort": np.argsort(q, axis=1, kind="stable"),
+        "cumsum": np.cumsum(q, axis=2) - q,
+        "gather_nd": q[[1, 0], [2, 0]],
+        "pad_reflect": np.pad(q, [(0, 0), (0, 0), (1, 1)], mode="reflect"),
+        "pad_edge": np.pad(q, [(0, 0), (0, 0), (2, 0)], mode="edge"),
+        "one_hot": np.eye(6)[ints],
+        "silu": q / (1 + np.exp(-q)),
+        "softplus": np.log1p(np.exp(q)),
+        "rmin": q.min(1),
+        "rprod": q.prod(2, keepdims=True),
+        "rl2": np.sqrt((q * q).sum(2)),
+        "rlse": np.log(np.exp(q).sum(2)),
+        "sign": np.sign(q),
+        "floordiv": ints // 3,
+        "mod": ints % 3,
+        "squeeze_all": q,
+    }
+    for name, ref in expected.items():
+        assert out[name].shape == np.shape(ref), name
+        np.testing.assert_allclose(out[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def _conv_ref(x, w, b, stride, pads, dilation, groups):
     """Direct (loop over kernel taps) N-D convolution, for checking the im2col kernel."""
     nsp = w.ndim - 2
