@@ -307,3 +307,37 @@ def test_bad_inputs_raise_one_line_errors(transcriber, tmp_path: Path) -> None:
         transcriber.transcribe(np.zeros((2, 100), np.float32))
     with pytest.raises(WruntimeError, match="Unknown transcription option"):
         transcriber.transcribe(np.zeros(1600, np.float32), beam_sise=5)
+
+
+@pytest.fixture(scope="module")
+def transcriber_fp32(transcriber):
+    from wruntime import Transcriber
+
+    return Transcriber("tiny.en-fp32", executor="interpreter")
+
+
+def test_long_form_fp32_equals_openai_whisper(transcriber_fp32, openai_reference) -> None:
+    """At fp32 the whole long-form result is openai-whisper's: every segment, token and word."""
+    result = transcriber_fp32.transcribe(long_audio(), word_timestamps=True)
+    reference = openai_reference["long_words"]
+    assert result.text == reference["text"]
+    assert len(result.segments) == len(reference["segments"])
+    for ours, theirs in zip(result.segments, reference["segments"], strict=True):
+        assert (ours.seek, ours.start, ours.end, ours.text) == (
+            theirs["seek"],
+            theirs["start"],
+            theirs["end"],
+            theirs["text"],
+        )
+        assert ours.tokens == theirs["tokens"]
+        assert [(w.word, w.start, w.end) for w in ours.words] == [
+            (w["word"], w["start"], w["end"]) for w in theirs["words"]
+        ]
+
+
+def test_long_form_fp32_beam5_equals_openai_whisper(transcriber_fp32, openai_reference) -> None:
+    result = transcriber_fp32.transcribe(long_audio(), beam_size=5)
+    reference = openai_reference["long_beam5"]
+    assert [(s.seek, s.start, s.end, s.text) for s in result.segments] == [
+        (s["seek"], s["start"], s["end"], s["text"]) for s in reference["segments"]
+    ]
