@@ -362,11 +362,15 @@ def transcribe(
     ] = Executor.auto,
     encoder_units: Annotated[
         Units | None,
-        typer.Option(help="Core ML compute units of the encoder (default CPU_AND_NE)."),
+        typer.Option(
+            case_sensitive=False, help="Core ML compute units of the encoder (default CPU_AND_NE)."
+        ),
     ] = None,
     decoder_units: Annotated[
         Units | None,
-        typer.Option(help="Core ML compute units of the decoder (default CPU_AND_GPU)."),
+        typer.Option(
+            case_sensitive=False, help="Core ML compute units of the decoder (default CPU_AND_GPU)."
+        ),
     ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Build the model from these weights (file or directory).")
