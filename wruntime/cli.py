@@ -195,6 +195,7 @@ def run_transcribe(
     debug: bool,
     max_words_per_line: int | None = None,
     highlight_words: bool = False,
+    extra_options: dict[str, Any] | None = None,
 ) -> int:
     """Transcribe every file; returns the exit code (1 if any file failed)."""
     _quiet_libraries(debug)
@@ -234,6 +235,7 @@ def run_transcribe(
         "beam_size": beam_size,
         "best_of": best_of,
         "patience": patience,
+        **(extra_options or {}),
     }
     total_timer = StageTimer()
     total_audio = 0.0
@@ -344,6 +346,27 @@ def transcribe(
     max_words_per_line: Annotated[
         int | None, typer.Option(help="(srt/vtt, with --word-timestamps) words per cue.")
     ] = None,
+    length_penalty: Annotated[
+        float | None, typer.Option(help="Length penalty alpha for ranking candidates (0-1).")
+    ] = None,
+    compression_ratio_threshold: Annotated[
+        float | None, typer.Option(help="Redecode hotter when gzip ratio exceeds this.")
+    ] = 2.4,
+    logprob_threshold: Annotated[
+        float | None, typer.Option(help="Redecode hotter when avg log-prob is below this.")
+    ] = -1.0,
+    no_speech_threshold: Annotated[
+        float | None, typer.Option(help="Treat a window as silence above this no-speech prob.")
+    ] = 0.6,
+    clip_timestamps: Annotated[
+        str, typer.Option(help="Comma-separated start,end,... seconds of the parts to transcribe.")
+    ] = "0",
+    hallucination_silence_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="(with --word-timestamps) skip silences longer than this around hallucinations."
+        ),
+    ] = None,
     highlight_words: Annotated[
         bool,
         typer.Option(
@@ -401,6 +424,14 @@ def transcribe(
         word_timestamps=word_timestamps,
         max_words_per_line=max_words_per_line,
         highlight_words=highlight_words,
+        extra_options={
+            "length_penalty": length_penalty,
+            "compression_ratio_threshold": compression_ratio_threshold,
+            "logprob_threshold": logprob_threshold,
+            "no_speech_threshold": no_speech_threshold,
+            "clip_timestamps": clip_timestamps,
+            "hallucination_silence_threshold": hallucination_silence_threshold,
+        },
         output_format=output_format.value,
         output_dir=output_dir,
         executor=executor.value,
