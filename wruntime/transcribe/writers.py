@@ -3,8 +3,12 @@
 The formats are openai-whisper's, so subtitles and JSON made here drop into
 the same tools. Every file is written to a temporary file in the output
 directory and renamed into place: a crash, a full disk or a bad result never
-leaves a half-written transcript, and with "all" either every format appears
-or none does.
+leaves a half-written transcript. With "all", every format is rendered and
+written to its temporary file before the first rename, so a failure there
+leaves no output at all; the renames come last, each one atomic.
+
+One deliberate difference from openai-whisper: srt and vtt skip segments
+whose text is empty (a cue with no text is noise to a subtitle player).
 """
 
 from __future__ import annotations
