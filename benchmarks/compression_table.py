@@ -36,7 +36,7 @@ def _group(key: str) -> str:
     return "librispeech" if key.startswith("librispeech") else "other"
 
 
-def _transcripts(model: str, items: list, fp16: bool) -> dict[str, str]:
+def _transcripts(model: str, items: list, fp16: bool, source: str | None = None) -> dict[str, str]:
     """Transcripts of every item (resumed from the saved file), through the interpreter."""
     from wruntime import Transcriber
 
@@ -46,7 +46,7 @@ def _transcripts(model: str, items: list, fp16: bool) -> dict[str, str]:
         done = json.loads(path.read_text(encoding="utf-8")).get("texts", {})
     todo = [it for it in items if it.key not in done]
     if todo:
-        t = Transcriber(model, executor="interpreter", fp16_emulation=fp16)
+        t = Transcriber(source or model, executor="interpreter", fp16_emulation=fp16)
         started = time.perf_counter()
         for i, it in enumerate(todo):
             done[it.key] = t.transcribe(str(it.path), temperature=0.0).text
@@ -55,6 +55,23 @@ def _transcripts(model: str, items: list, fp16: bool) -> dict[str, str]:
                 write_results(path.name, {"model": model, "texts": done})
         print(f"{model}: {len(todo)} files in {time.perf_counter() - started:.0f} s", flush=True)
     return {it.key: done[it.key] for it in items}
+
+
+def _auto_variant(arch: str, fraction: float) -> Path:
+    """An auto model for another size budget, built beside the catalog's (same search)."""
+    from wruntime.build.compress import CompressionStage
+    from wruntime.build.model_dir import models_root
+    from wruntime.build.pipeline import build_model
+    from wruntime.build.sensitivity import Budget, sensitivity_report
+    from wruntime.catalog import load_architecture_weights, resolve_model_name
+
+    dest = models_root() / f"{arch}-auto@{fraction:g}"
+    if not dest.is_dir():
+        spec = resolve_model_name(f"{arch}-auto")
+        choice = sensitivity_report(arch, budget=Budget(max_fraction=fraction))
+        stage = CompressionStage(spec.precision, load_architecture_weights(arch), choice.rules)
+        build_model(spec, dest=dest, stages=[stage])
+    return dest
 
 
 def peer_worker(args: argparse.Namespace) -> None:
@@ -86,6 +103,9 @@ def main() -> None:
     ap.add_argument("--precisions", default=DEFAULT_PRECISIONS)
     ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     ap.add_argument("--per-group", type=int, default=None, help="first N files of each group")
+    ap.add_argument(
+        "--auto-fractions", default="", help="more auto models, e.g. 0.35,0.4 (of fp16 size)"
+    )
     ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--answer", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -125,6 +145,16 @@ def main() -> None:
         }
         fp16 = spec.precision.compute_precision == "float16"
         texts[name] = _transcripts(name, items, fp16)
+    for fraction in filter(None, args.auto_fractions.split(",")):
+        path = _auto_variant(args.arch, float(fraction))
+        name = path.name
+        rows[name] = {
+            "precision": f"auto@{fraction}",
+            "size_mb": directory_size(path) / 1e6,
+            "build_s": json.loads((path / "manifest.json").read_text())["build_seconds"],
+            "target": "iOS18",
+        }
+        texts[name] = _transcripts(name, items, True, str(path))
     refs = {it.key: it.reference for it in items}
     job = RESULTS / f".compression_job_{args.arch}.json"
     job.write_text(json.dumps({"texts": texts, "refs": refs}), encoding="utf-8")
@@ -133,15 +163,19 @@ def main() -> None:
 
     base = rows.get(f"{args.arch}-fp16", {}).get("size_mb")
     counts = {g: sum(_group(it.key) == g for it in items) for g in GROUPS}
+    corpora = {
+        g: sorted({it.key.split("/")[0] for it in items if _group(it.key) == g}) for g in GROUPS
+    }
     command = "python benchmarks/compression_table.py " + " ".join(sys.argv[1:])
     lines = [
         f"## Compression: {args.arch}",
         "",
         f"Command: `{command.strip()}`. Greedy (temperature 0, no fallback) through the MIL "
         "interpreter, fp16 emulation for fp16-compute models; WER (%) after openai-whisper's "
-        f"EnglishTextNormalizer. LibriSpeech: {counts['librispeech']} utterances "
+        f"EnglishTextNormalizer. LibriSpeech ({', '.join(corpora['librispeech'])}): "
+        f"{counts['librispeech']} utterances "
         f"({minutes['librispeech']:.1f} min); other: {counts['other']} files "
-        f"({minutes['other']:.1f} min: LJSpeech, JFK, Earnings-22, MFA, telephone).",
+        f"({minutes['other']:.1f} min: {', '.join(corpora['other'])}).",
         "",
         "| model | target | size MB | vs fp16 | build s | WER LibriSpeech | WER other | WER all |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
