@@ -18,7 +18,10 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_SPEECH = ROOT.parent / "shared" / "data" / "speech"
 
 CLIPS = {
-    "jfk": (DATA / "jfk.flac", "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."),
+    "jfk": (
+        DATA / "jfk.flac",
+        "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country.",
+    ),
     "belly": (DATA / "1089-134686-0001.flac", "STUFF IT INTO YOU HIS BELLY COUNSELLED HIM"),
     "experience": (DATA / "2830-3980-0043.wav", "EXPERIENCE PROVES THIS"),
 }

@@ -166,4 +166,4 @@ def test_good_file_is_written_though_another_fails(tmp_path: Path, test_home: Pa
     text = (out_dir / "jfk.txt").read_text(encoding="utf-8").lower()
     assert "ask not what your country can do for you" in text
     assert "[00:00.000 -->" in result.stdout  # segments stream to stdout
-    assert "encoder" in result.stdout and "realtime factor" in result.stdout  # --profile table
+    assert "encoder" in result.stdout and "RTF" in result.stdout  # --profile table

@@ -10,6 +10,7 @@ error reads as one line. Transcripts are written whole or not at all (see
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from enum import Enum
 from pathlib import Path
@@ -135,38 +136,16 @@ def _print_segment(console: Console, segment: Any, verbose: bool) -> None:
 
 
 def profile_table(
-    timings: dict[str, dict[str, float | int]], audio_seconds: float, wall: float
+    timings: dict[str, dict[str, float | int]],
+    audio_seconds: float,
+    wall: float,
+    load_seconds: float | None = None,
+    tokens: int = 0,
 ) -> Table:
-    """The stage-timing table of --profile (the profiling stage extends it)."""
-    from wruntime.timing import STAGES
+    """The --profile table: every stage, RTF, CPU per audio second, model load."""
+    from wruntime.profile.report import timings_table
 
-    table = Table(title=f"Stage timing: {audio_seconds:.1f} s of audio in {wall:.2f} s")
-    for name, justify in (
-        ("stage", "left"),
-        ("wall s", "right"),
-        ("cpu s", "right"),
-        ("cpu/wall", "right"),
-        ("calls", "right"),
-        ("% wall", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    order = [s for s in STAGES if s in timings] + [
-        s for s in timings if s not in STAGES and s != "decode"
-    ]
-    for name in order:
-        t = timings[name]
-        w, c = float(t["wall"]), float(t["cpu"])
-        table.add_row(
-            name,
-            f"{w:.3f}",
-            f"{c:.3f}",
-            f"{c / w:.2f}" if w > 0 else "-",
-            str(int(t["count"])),
-            f"{100 * w / wall:.1f}" if wall > 0 else "-",
-        )
-    rtf = wall / audio_seconds if audio_seconds > 0 else float("nan")
-    table.caption = f"realtime factor {rtf:.3f} (wall / audio); decode = decoder + search"
-    return table
+    return timings_table(timings, audio_seconds, wall, load_seconds=load_seconds, tokens=tokens)
 
 
 def run_transcribe(
@@ -211,6 +190,7 @@ def run_transcribe(
 
         if verbose:
             err.print(f"Loading model {model} (built on first use)...", markup=False)
+        load_start = time.perf_counter()
         transcriber = Transcriber(
             model,
             executor=executor,
@@ -221,6 +201,7 @@ def run_transcribe(
     except Exception as exc:
         _fail_line(exc, debug)
         return 1
+    load_seconds = time.perf_counter() - load_start
 
     from wruntime.timing import StageTimer
     from wruntime.transcribe.writers import write_result
@@ -240,6 +221,7 @@ def run_transcribe(
     total_timer = StageTimer()
     total_audio = 0.0
     total_wall = 0.0
+    total_tokens = 0
     show_progress = not quiet and out.is_terminal
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -286,6 +268,7 @@ def run_transcribe(
             done_before += duration
             total_audio += result.duration
             total_wall += result.wall_time
+            total_tokens += sum(len(seg.tokens) for seg in result.segments)
             total_timer.merge(stream.timer)
             if verbose:
                 progress.console.print(
@@ -300,7 +283,7 @@ def run_transcribe(
 
         timings = total_timer.to_dict()
         derive_search(timings)
-        out.print(profile_table(timings, total_audio, total_wall))
+        out.print(profile_table(timings, total_audio, total_wall, load_seconds, total_tokens))
     return 1 if failed else 0
 
 

@@ -13,8 +13,7 @@ a labelled estimate where not, and first versus warm model load.
 
 Nesting in the timer's totals, and how it is undone here:
 "decode" = "decoder" + "search"; "decoder" = "decoder.prefill" + steps (the
-prefill is recorded only when the model is opened by this module, see
-`PrefillTimedModel`); "language" contains an encoder call and a decode, which
+transcriber's runtime records the prompt call apart); "language" contains an encoder call and a decode, which
 are already in "encoder"/"decoder", so it is shown but not summed.
 """
 
@@ -38,7 +37,6 @@ from wruntime.profile.energy import (
     default_energy_reader,
     energy_figures,
 )
-from wruntime.timing import stage
 
 #: Exclusive top-level stages, in pipeline order (their sum is compared with the total).
 TOP_LEVEL = ("audio", "features", "encoder", "decoder", "search", "text", "words")
@@ -249,43 +247,6 @@ def stage_medians(runs: Sequence[RunProfile]) -> dict[str, float]:
 # --------------------------------------------------------------------------- running
 
 
-class _PrefillTimedSession:
-    """Records a session's prefill as "decoder.prefill" (inside the runtime's "decoder")."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def prefill(self, tokens: Sequence[int]) -> Any:
-        with stage(PREFILL):
-            return self._inner.prefill(tokens)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class PrefillTimedModel:
-    """A `WhisperModel` whose decoder sessions time their prefill apart from the steps.
-
-    The transcriber's runtime already times every decoder call as "decoder";
-    wrapping the model it is given splits that into the one prompt call per
-    decode and the per-token steps, at the cost of one more timer entry per
-    decode (not per token).
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    @property
-    def inner(self) -> Any:
-        return self._inner
-
-    def session(self, *args: Any, **kwargs: Any) -> _PrefillTimedSession:
-        return _PrefillTimedSession(self._inner.session(*args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 class _Opened:
     """What `TranscriptionStream` needs of a transcriber: its runtime."""
 
@@ -293,7 +254,7 @@ class _Opened:
         from wruntime.transcribe.runtime import ModelRuntime
 
         self.model = model
-        self.runtime = ModelRuntime(PrefillTimedModel(model))
+        self.runtime = ModelRuntime(model)
 
 
 def executor_units(model: Any) -> dict[str, Any]:
@@ -585,7 +546,6 @@ __all__ = [
     "TOP_LEVEL",
     "EnergyFigures",
     "EnergyMeter",
-    "PrefillTimedModel",
     "ProfileReport",
     "RunProfile",
     "StageRow",

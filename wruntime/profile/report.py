@@ -314,6 +314,7 @@ def timings_table(
     *,
     cpu: float | None = None,
     load_seconds: float | None = None,
+    tokens: int = 0,
 ) -> Table:
     """The `wtranscribe --profile` table: every stage, RTF, CPU per audio second, load.
 
@@ -322,7 +323,7 @@ def timings_table(
     """
     from wruntime.profile import profile_timings
 
-    run = profile_timings(timings, audio_seconds, wall, cpu=cpu)
+    run = profile_timings(timings, audio_seconds, wall, cpu=cpu, tokens=tokens)
     table = stage_table(run)
     if load_seconds is not None:
         table.caption = f"{table.caption}\nmodel load {load_seconds:.3f} s (not in the total)"

@@ -28,7 +28,9 @@ class _TimedSession:
         self._inner = inner
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        with stage("decoder"):
+        # The prompt call is timed apart from the per-token steps (inside
+        # "decoder"), so a profile can tell prefill cost from step cost.
+        with stage("decoder"), stage("decoder.prefill"):
             return self._inner.prefill(tokens)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
