@@ -531,3 +531,32 @@ def test_fp16_package_holds_up_in_fp16_arithmetic(
     ref = oracle.decode(w, tokens, pos, kc, kc, ck, cv)
     assert _rel_err(out["logits"], ref.logits) < 2e-2
     assert (out["logits"].argmax(-1) == ref.logits.argmax(-1)).all()
+
+
+def test_own_weights_replace_a_cached_build_of_other_weights(
+    fp32_dir: ModelDirectory, tiny_weights: WhisperWeights, tmp_path: Path, monkeypatch
+) -> None:
+    """`--weights` must not silently reuse a cached build of other weights under the same name."""
+    monkeypatch.setenv("WRUNTIME_HOME", str(tmp_path))
+    cached = _linked_copy(fp32_dir.path, tmp_path / "models" / "tiny.en-fp32")
+
+    class Started(Exception):
+        pass
+
+    def abort(*_args) -> None:
+        raise Started
+
+    # The same weights: the cached directory is used, no build starts.
+    assert ensure_model("tiny.en-fp32", weights=tiny_weights, progress=abort).path == cached
+    # Other weights (same architecture): a rebuild starts; aborted, the old directory survives whole.
+    other = WhisperWeights(
+        dims=tiny_weights.dims,
+        params=tiny_weights.params,
+        alignment_heads=tiny_weights.alignment_heads,
+        tokenizer_files=tiny_weights.tokenizer_files,
+        source="/elsewhere/fine-tuned",
+    )
+    with pytest.raises(Started):
+        ensure_model("tiny.en-fp32", weights=other, progress=abort)
+    assert load_model_dir(cached, verify=True).manifest == fp32_dir.manifest
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny.en-fp32"]

@@ -332,7 +332,14 @@ def ensure_model(
     spec = resolve_model_name(name)
     path = model_path(spec.name)
     stale = path.exists() and _built_by_another_builder(path)
-    if stale or not path.exists():
+    force = False
+    if weights is not None and path.exists() and not stale:
+        # The user named their own weights: a cached build of other weights
+        # under the same name must not be used silently in their place.
+        wanted = _resolve_weights(*plan_for(spec), weights)
+        force = _manifest_weights_source(path) != str(wanted.source)
+        weights = wanted
+    if stale or force or not path.exists():
         stop: Callable[[], None] = lambda: None  # noqa: E731
         if progress is True:
             report, stop = rich_progress(spec.name)
@@ -341,11 +348,20 @@ def ensure_model(
         else:
             report = None
         try:
-            build_model(spec, weights=weights, progress=report, **build_options)
+            build_model(spec, weights=weights, progress=report, force=force, **build_options)
         finally:
             stop()
         verify = False  # hashed by the build a moment ago
     return load_model_dir(path, verify=verify)
+
+
+def _manifest_weights_source(path: Path) -> str | None:
+    try:
+        return json.loads((path / io.MANIFEST_FILE).read_text(encoding="utf-8")).get(
+            "weights_source"
+        )
+    except (OSError, ValueError):
+        return None
 
 
 def _usable(path: Path) -> bool:
