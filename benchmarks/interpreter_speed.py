@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ROOT / "tests" / "data" / "jfk.flac"
-REF_PYTHON = Path("/work/refvenv/bin/python")
+REF_PYTHON = Path(os.environ.get("WRUNTIME_REF_PYTHON", "/work/refvenv/bin/python"))
 
 FW_SCRIPT = r"""
 import json, statistics, sys, time
