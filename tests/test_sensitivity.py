@@ -6,6 +6,7 @@ a benchmark-sized job, cached under the model home by `measure_sensitivity`).
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -150,3 +151,33 @@ def test_choose_to_an_error_budget_and_an_impossible_size():
     impossible = choose(_table(), Budget(max_mb=0.1))
     assert not impossible.met
     assert set(impossible.labels.values()) == {"int4/32"}
+
+
+def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
+    """`wruntime sensitivity`: a quick look at two real layers on a real clip, then the errors."""
+    from conftest import CLIPS
+    from typer.testing import CliRunner
+
+    from wruntime.cli import app
+
+    runner = CliRunner()
+    out_json = tmp_path / "table.json"
+    layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12966]"]
+    args = ["sensitivity", "tiny.en", "--clip", str(CLIPS["experience"][0]), "--max-kl", "1"]
+    for name in layers:
+        args += ["--layer", name]
+    result = runner.invoke(app, [*args, "--json", str(out_json)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "kl[int8]" in result.stdout and "meets the budget" in result.stdout
+    rows = json.loads(out_json.read_text())["rows"]
+    measured = {r["layer"]: r for r in rows if "kl[int8]" in r}
+    assert set(measured) == set(layers)
+    emb = measured[layers[1]]
+    assert emb["kl[int4/32]"] > emb["kl[int8]"] > 0
+
+    both = runner.invoke(app, ["sensitivity", "tiny.en", "--max-mb", "10", "--max-kl", "1"])
+    assert both.exit_code == 1 and "Give one budget" in both.stderr
+    partial = runner.invoke(app, ["sensitivity", "tiny.en", "--layer", layers[0], "--build"])
+    assert partial.exit_code == 1 and "--build needs the whole table" in partial.stderr
+    unknown = runner.invoke(app, ["sensitivity", "tiny.xx"])
+    assert unknown.exit_code == 1 and len(unknown.stderr.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ error reads as one line. Transcripts are written whole or not at all (see
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -489,6 +490,109 @@ def _build_progress(name: str) -> Any:
     return report
 
 
+@app.command("sensitivity")
+def sensitivity_cmd(
+    architecture: Annotated[str, typer.Argument(help="Architecture, e.g. tiny.en or base.")],
+    max_mb: Annotated[float | None, typer.Option(help="Budget: at most this many MB.")] = None,
+    max_fraction: Annotated[
+        float | None, typer.Option(help="Budget: at most this fraction of the fp16 size.")
+    ] = None,
+    max_kl: Annotated[
+        float | None, typer.Option(help="Budget: at most this summed next-token KL vs fp16.")
+    ] = None,
+    clip: Annotated[
+        list[Path] | None, typer.Option(help="Audio to measure on (default: the test clips).")
+    ] = None,
+    layer: Annotated[
+        list[str] | None, typer.Option(help="Measure only these weights (a quick look).")
+    ] = None,
+    build: Annotated[
+        bool, typer.Option("--build", help="Build <architecture>-auto with the choice.")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the table here.")] = None,
+    rows: Annotated[int, typer.Option(help="Table rows to print (most sensitive first).")] = 20,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Measure how much compressing each weight hurts, and choose per-layer bits for a budget.
+
+    Each weight is compressed alone and the next-token distribution compared with fp16
+    (KL) on real clips; the table is cached, so asking again with another budget is
+    instant. With --build, `<architecture>-auto` is built from the choice (replacing the
+    cached one).
+    """
+
+    def action() -> None:
+        from wruntime.build.sensitivity import Budget, choose, measure_sensitivity
+        from wruntime.catalog import architecture as find_architecture
+        from wruntime.catalog import precisions
+
+        given = [b for b in (max_mb, max_fraction, max_kl) if b is not None]
+        if len(given) > 1:
+            raise WruntimeError("Give one budget: --max-mb, --max-fraction or --max-kl.")
+        if build and layer:
+            raise WruntimeError("--build needs the whole table; drop --layer.")
+        find_architecture(architecture)  # unknown names fail here, listing the valid ones
+        spec = precisions()["auto"]
+        search = spec.sensitivity or {}
+        table = measure_sensitivity(
+            architecture,
+            search.get("candidates", []),
+            fixed=spec.compression,
+            clips=clip or None,
+            layers=layer or None,
+            log=lambda line: err.print(line, markup=False),
+        )
+        budget = (
+            Budget(max_mb=max_mb, max_fraction=max_fraction, max_error=max_kl)
+            if given
+            else Budget.from_spec(search.get("budget", {}))
+        )
+        choice = choose(table, budget)
+        measured = [r for r in choice.rows() if any(k.startswith("kl[") for k in r)]
+        keys = sorted({k for r in measured for k in r if k.startswith("kl[")})
+        table_view = Table(
+            title=f"{architecture}: sensitivity (KL vs fp16), budget {budget.describe()}"
+        )
+        from rich.markup import escape
+
+        for col in ("layer", "params", "chosen", *keys):
+            justify = "left" if col in ("layer", "chosen") else "right"
+            table_view.add_column(escape(col), justify=justify)  # type: ignore[arg-type]
+        for r in measured[:rows]:
+            table_view.add_row(
+                r["layer"], f"{r['params']:,}", r["chosen"], *(f"{r.get(k, 0):.2e}" for k in keys)
+            )
+        out.print(table_view)
+        verdict = "meets" if choice.met else "cannot meet"
+        out.print(
+            f"choice: {choice.size_bytes / 1e6:.1f} MB ({choice.fraction:.0%} of fp16), "
+            f"predicted KL {choice.predicted_error:.2e}; {verdict} the budget",
+            markup=False,
+        )
+        if json_out is not None:
+            from wruntime.profile.report import write_json
+
+            write_json(
+                {"budget": budget.describe(), "met": choice.met, "rows": choice.rows()}, json_out
+            )
+        if build:
+            from wruntime.build import build_model
+            from wruntime.build.compress import CompressionStage
+            from wruntime.catalog import load_architecture_weights, resolve_model_name
+
+            name = f"{architecture}-auto"
+            weights = load_architecture_weights(architecture)
+            stage = CompressionStage(resolve_model_name(name).precision, weights, choice.rules)
+            path = build_model(
+                name, weights=weights, force=True, stages=[stage], progress=_build_progress(name)
+            )
+            out.print(f"Built {name}: {path}", markup=False)
+        if not choice.met:
+            raise typer.Exit(1)
+
+    _managed(action, debug)
+
+
 @app.command("list")
 def list_cmd(
     built: Annotated[bool, typer.Option("--built", help="Only the models already built.")] = False,
@@ -547,7 +651,6 @@ def inspect_cmd(
         if isinstance(info, str):
             out.print(info, markup=False)
             return
-        import json
 
         data = _row(info)
         out.print(json.dumps(data, indent=2, default=str), markup=False)
