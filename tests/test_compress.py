@@ -178,11 +178,14 @@ def test_every_constexpr_decompresses_as_coremltools_and_near_fp16(precision):
     kinds: set[str] = set()
     checked = 0
     for package in ("encoder.mlpackage", "decoder.mlpackage"):
-        originals = {
-            op.name: op.outputs[0].val
-            for op in _program(fp16.path / package).functions["main"].operations
-            if op.op_type == "const"
-        }
+        # Constant names are generated per build, so each compressed weight is paired
+        # with the fp16 constant of its shape that it is closest to (another layer of
+        # the same shape is ~100% away; the right one is within the recipe's error).
+        originals: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for op in _program(fp16.path / package).functions["main"].operations:
+            value = op.outputs[0].val if op.op_type == "const" else None
+            if isinstance(value, np.ndarray) and value.size > 1:
+                originals.setdefault(value.shape, []).append(value.astype(np.float64))
         for op in _program(model.path / package).functions["main"].operations:
             if not op.op_type.startswith("constexpr_"):
                 continue
@@ -190,10 +193,12 @@ def test_every_constexpr_decompresses_as_coremltools_and_near_fp16(precision):
             theirs = np.asarray(op.materialized_val_inference(), dtype=np.float64)
             ours = _numpy_decompress(op)
             np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-6, err_msg=op.name)
-            source = re.sub(r"_(quantized|palettized)$", "", op.name)
-            original = np.asarray(originals[source], dtype=np.float64)
-            assert original.shape == theirs.shape
-            rel = np.sqrt(np.mean((theirs - original) ** 2) / np.mean(original**2))
+            candidates = originals.get(theirs.shape, [])
+            assert candidates, f"{op.name}: no fp16 weight of shape {theirs.shape}"
+            rel = min(
+                np.sqrt(np.mean((theirs - original) ** 2) / np.mean(original**2))
+                for original in candidates
+            )
             assert rel < RECIPES[precision], f"{op.name}: relative error {rel:.3f}"
             checked += 1
     assert checked >= 30
