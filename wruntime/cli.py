@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from wruntime.errors import WruntimeError
+from wruntime.errors import WruntimeError, describe_error
 
 app = typer.Typer(
     name="wruntime",
@@ -73,19 +73,10 @@ def _error(message: str, where: str | None = None) -> None:
     err.print(prefix + message, markup=False)
 
 
-def _describe(exc: BaseException) -> str:
-    """One line for any failure: the WruntimeError sentence, else the type and message."""
-    if isinstance(exc, WruntimeError):
-        return str(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return f"internal error ({detail}); run with --debug for the traceback."
-
-
 def _fail_line(exc: BaseException, debug: bool, where: str | None = None) -> None:
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    _error(_describe(exc), where)
+    _error(describe_error(exc), where)
 
 
 def _timestamp(seconds: float) -> str:

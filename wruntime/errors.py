@@ -31,3 +31,16 @@ class ModelDirectoryError(WruntimeError):
 
 class ExecutorError(WruntimeError):
     """An executor cannot load or run a package (unsupported op, wrong OS, ...)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for any failure: a WruntimeError's sentence, else the type and first line.
+
+    Command lines print this instead of a traceback; anything that is not a
+    WruntimeError is a bug, and says how to see its traceback.
+    """
+    if isinstance(exc, WruntimeError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"internal error ({detail}); run with --debug for the traceback."

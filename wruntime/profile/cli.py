@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from wruntime.errors import WruntimeError
+from wruntime.errors import WruntimeError, describe_error
 
 app = typer.Typer(
     name="wruntime-profile",
@@ -105,17 +105,9 @@ def profile(
     except Exception as exc:
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
-        err.print("error: " + _describe(exc), markup=False)
+        err.print("error: " + describe_error(exc), markup=False)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, WruntimeError):
-        return str(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return f"internal error ({detail}); run with --debug for the traceback."
 
 
 def _run(
