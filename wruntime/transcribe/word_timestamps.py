@@ -12,7 +12,6 @@ duration heuristics tame words that swallow a pause.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 SENTENCE_END_MARKS = ".。!！?？"
 #: Scripts written without spaces: words are split at unicode boundaries instead.
-NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 #: (tokens) -> (alignment (A, T, S) softmaxed over S, logits (T, V)); one prefill call.
 Aligner = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
@@ -150,60 +148,6 @@ def dtw(cost_matrix: np.ndarray, use_numba: bool = True) -> tuple[np.ndarray, np
 # ---------------------------------------------------------------- words
 
 
-def split_to_word_tokens(
-    tokenizer: object, tokens: list[int], language: str | None
-) -> tuple[list[str], list[list[int]]]:
-    """Group tokens into words: at spaces and punctuation, or unicode boundaries."""
-    own = getattr(tokenizer, "split_to_word_tokens", None)
-    if callable(own):
-        return own(tokens)
-    pieces, piece_tokens = _split_on_unicode(tokenizer, tokens)
-    if language in NO_SPACE_LANGUAGES:
-        return pieces, piece_tokens
-    eot = tokenizer.eot  # type: ignore[attr-defined]
-    words: list[str] = []
-    word_tokens: list[list[int]] = []
-    for piece, toks in zip(pieces, piece_tokens, strict=False):
-        starts_word = (
-            toks[0] >= eot
-            or piece.startswith(" ")
-            or piece.strip() in string.punctuation
-            or not words
-        )
-        if starts_word:
-            words.append(piece)
-            word_tokens.append(list(toks))
-        else:
-            words[-1] += piece
-            word_tokens[-1].extend(toks)
-    return words, word_tokens
-
-
-def _split_on_unicode(tokenizer: object, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
-    # A multi-byte character can span tokens: cut only where the bytes so far
-    # decode to whole characters (no replacement char that is not in the text).
-    decode: Callable[[list[int]], str] = getattr(
-        tokenizer,
-        "decode_with_timestamps",
-        tokenizer.decode,  # type: ignore[attr-defined]
-    )
-    full = decode(tokens)
-    words: list[str] = []
-    word_tokens: list[list[int]] = []
-    current: list[int] = []
-    offset = 0
-    for token in tokens:
-        current.append(token)
-        text = decode(current)
-        bad = text.find("\ufffd")
-        if bad < 0 or (offset + bad < len(full) and full[offset + bad] == "\ufffd"):
-            words.append(text)
-            word_tokens.append(current)
-            current = []
-            offset += len(text)
-    return words, word_tokens
-
-
 def find_alignment(
     aligner: Aligner,
     tokenizer: object,
@@ -240,7 +184,9 @@ def find_alignment(
     matrix = w.mean(axis=0)[len(sot_sequence) : -1]
     text_idx, time_idx = dtw(-matrix)
 
-    words, word_tokens = split_to_word_tokens(tokenizer, [*text_tokens, eot], language)
+    # The tokenizer knows its language: spaces, or character boundaries for
+    # languages written without them.
+    words, word_tokens = tokenizer.split_to_word_tokens([*text_tokens, eot])  # type: ignore[attr-defined]
     if len(word_tokens) <= 1:
         return []
     boundaries = np.concatenate([[0], np.cumsum([len(t) for t in word_tokens[:-1]])])
