@@ -50,18 +50,7 @@ from wruntime.executors.compute_units import (
     parse_optimization_hints,
     require_coreml,
 )
-from wruntime.executors.interpreter.loader import FeatureDesc, FunctionDesc
-
-# Core ML's ArrayFeatureType.ArrayDataType values (FeatureTypes.proto). Any other data type
-# in one of our packages means it was not built by wruntime.build.
-_ARRAY_DTYPES = {
-    65568: np.dtype(np.float32),
-    65600: np.dtype(np.float64),
-    65552: np.dtype(np.float16),
-    131104: np.dtype(np.int32),
-    131080: np.dtype(np.int8),
-}
-
+from wruntime.executors.interpreter.loader import FeatureDesc, FunctionDesc, function_desc
 
 # --------------------------------------------------------------------------- package signature
 
@@ -80,41 +69,6 @@ class PackageInfo:
     is_multifunction: bool
 
 
-def _array_desc(name: str, array_type: Any) -> FeatureDesc:
-    dtype = _ARRAY_DTYPES.get(array_type.dataType)
-    if dtype is None:
-        raise ExecutorError(f"The feature '{name}' has an array data type wruntime does not use.")
-    ranges = enumerated = None
-    kind = array_type.WhichOneof("ShapeFlexibility")
-    if kind == "shapeRange":
-        ranges = tuple(
-            (int(r.lowerBound), int(r.upperBound)) for r in array_type.shapeRange.sizeRanges
-        )
-    elif kind == "enumeratedShapes":
-        enumerated = tuple(
-            tuple(int(s) for s in e.shape) for e in array_type.enumeratedShapes.shapes
-        )
-    return FeatureDesc(name, dtype, tuple(int(s) for s in array_type.shape), ranges, enumerated)
-
-
-def _feature(feature: Any) -> FeatureDesc:
-    kind = feature.type.WhichOneof("Type")
-    if kind == "multiArrayType":
-        return _array_desc(feature.name, feature.type.multiArrayType)
-    if kind == "stateType":
-        return _array_desc(feature.name, feature.type.stateType.arrayType)
-    raise ExecutorError(f"The feature '{feature.name}' is a {kind}; wruntime packages use arrays.")
-
-
-def _function(name: str, desc: Any) -> FunctionDesc:
-    return FunctionDesc(
-        name=name,
-        inputs=tuple(_feature(f) for f in desc.input),
-        outputs=tuple(_feature(f) for f in desc.output),
-        states=tuple(_feature(f) for f in desc.state),
-    )
-
-
 def read_package_info(package: str | Path) -> PackageInfo:
     """Read a package's spec (protobuf only: no weights, no Core ML runtime, any OS)."""
     path = Path(package)
@@ -130,10 +84,10 @@ def read_package_info(package: str | Path) -> PackageInfo:
         raise ExecutorError(f"Cannot read the model spec of '{path}'; rebuild the model.") from exc
     desc = spec.description
     if len(desc.functions):  # multifunction package (iOS 18): one description per function
-        functions = {f.name: _function(f.name, f) for f in desc.functions}
+        functions = {f.name: function_desc(f.name, f) for f in desc.functions}
         default = desc.defaultFunctionName or next(iter(functions))
     else:
-        functions = {"main": _function("main", desc)}
+        functions = {"main": function_desc("main", desc)}
         default = "main"
     return PackageInfo(
         path, int(spec.specificationVersion), functions, default, bool(len(desc.functions))

@@ -86,7 +86,7 @@ def _array_desc(name: str, array_type: Any, what: str) -> FeatureDesc:
     dtype = _ARRAY_DTYPES.get(array_type.dataType)
     if dtype is None:
         raise ExecutorError(
-            f"The {what} '{name}' has an array data type the interpreter cannot handle."
+            f"The {what} '{name}' has an array data type wruntime packages do not use."
         )
     shape = tuple(int(s) for s in array_type.shape)
     ranges = None
@@ -110,11 +110,12 @@ def _feature(feature: Any, what: str) -> FeatureDesc:
     if kind == "stateType":
         return _array_desc(feature.name, feature.type.stateType.arrayType, what)
     raise ExecutorError(
-        f"The {what} '{feature.name}' is of type {kind}; the interpreter handles only multi-arrays."
+        f"The {what} '{feature.name}' is of type {kind}; wruntime packages use multi-arrays."
     )
 
 
-def _function_desc(name: str, desc: Any) -> FunctionDesc:
+def function_desc(name: str, desc: Any) -> FunctionDesc:
+    """A function's inputs, outputs and states as its spec declares them (Core ML reads the same)."""
     return FunctionDesc(
         name=name,
         inputs=tuple(_feature(f, "input") for f in desc.input),
@@ -161,10 +162,10 @@ def load_package(path: str | Path) -> Package:
     functions: dict[str, FunctionDesc] = {}
     if len(desc.functions):
         for fdesc in desc.functions:
-            functions[fdesc.name] = _function_desc(fdesc.name, fdesc)
+            functions[fdesc.name] = function_desc(fdesc.name, fdesc)
         default = desc.defaultFunctionName or "main"
     else:
-        functions["main"] = _function_desc("main", desc)
+        functions["main"] = function_desc("main", desc)
         default = "main"
 
     try:
