@@ -76,8 +76,8 @@ def _check_room(position: int, count: int, n_ctx: int) -> None:
         )
 
 
-class ExplicitCacheSession:
-    """Session over the explicit-cache decoder (k_cache/v_cache in, k_new/v_new out)."""
+class _Session:
+    """What both sessions hold: the executor, the window's cross K/V and the position."""
 
     def __init__(
         self,
@@ -95,6 +95,21 @@ class ExplicitCacheSession:
         self.batch = batch
         self.position = 0
         self.alignment: np.ndarray | None = None
+
+
+class ExplicitCacheSession(_Session):
+    """Session over the explicit-cache decoder (k_cache/v_cache in, k_new/v_new out)."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        cross_k: np.ndarray,
+        cross_v: np.ndarray,
+        *,
+        n_ctx: int,
+        batch: int = 1,
+    ) -> None:
+        super().__init__(executor, cross_k, cross_v, n_ctx=n_ctx, batch=batch)
         n_layer, _, n_state, _ = cross_k.shape
         self._stepped = False
         # Batch 1 until the first step: the shared prompt is computed once.
@@ -156,7 +171,7 @@ class ExplicitCacheSession:
         self.v_cache[..., :used] = self.v_cache[:, rows, :, :used]
 
 
-class StatefulSession:
+class StatefulSession(_Session):
     """Session over a stateful decoder function of fixed batch (cache in the executor's state)."""
 
     def __init__(
@@ -168,13 +183,7 @@ class StatefulSession:
         n_ctx: int,
         batch: int = 1,
     ) -> None:
-        self.executor = executor
-        self.cross_k = cross_k
-        self.cross_v = cross_v
-        self.n_ctx = n_ctx
-        self.batch = batch
-        self.position = 0
-        self.alignment: np.ndarray | None = None
+        super().__init__(executor, cross_k, cross_v, n_ctx=n_ctx, batch=batch)
         self.state: Any = executor.make_state()
         self._identity = np.arange(batch, dtype=np.int32)
         self.beam_order = self._identity
