@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from wruntime.decoding.search import BeamSearch, GreedySearch, log_softmax, rank
+from wruntime.decoding.search import BeamSearch, GreedySearch, log_softmax, rank, top_k
 
 EOT = 0
 
@@ -27,6 +27,18 @@ def test_log_softmax_matches_definition():
     assert got.dtype == np.float32
     np.testing.assert_allclose(got[0, [0, 1, 3]], expected[0, [0, 1, 3]], rtol=1e-6)
     assert got[0, 2] == -np.inf
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_top_k_is_a_stable_descending_sort_even_on_rows_of_minus_inf(k):
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 3, (6, 40)).astype(np.float32)  # many equal values
+    x[rng.random(x.shape) < 0.5] = -np.inf
+    x[4, :] = -np.inf  # nothing finite
+    x[5, :] = -np.inf
+    x[5, [7, 30]] = [1.0, 2.0]  # fewer finite values than k
+    want = np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    assert top_k(x, k).tolist() == want.tolist()
 
 
 # ------------------------------------------------------------ beam search vs openai

@@ -163,12 +163,17 @@ class ExplicitCacheSession(_Session):
 
     def rearrange(self, source_rows: Sequence[int]) -> None:
         rows = np.asarray(source_rows, dtype=np.intp)
-        if np.array_equal(rows, np.arange(len(rows))):
+        # Only the rows that change and only the filled slots move (a beam that
+        # continues itself stays put); the fancy-indexed right side is a copy,
+        # so rows that swap read their old contents.
+        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        if len(moved) == 0:
             return
         self._widen()
-        used = self.position  # only the filled slots need to move
-        self.k_cache[..., :used] = self.k_cache[:, rows, :, :used]
-        self.v_cache[..., :used] = self.v_cache[:, rows, :, :used]
+        used = self.position
+        sources = rows[moved]
+        self.k_cache[:, moved, :, :used] = self.k_cache[:, sources, :, :used]
+        self.v_cache[:, moved, :, :used] = self.v_cache[:, sources, :, :used]
 
 
 class StatefulSession(_Session):

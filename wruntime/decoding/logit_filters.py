@@ -120,7 +120,7 @@ class ApplyTimestampRules:
         # If the timestamps together outweigh the best text token, a timestamp it is.
         # (Comparing log-sum-exp of raw logits with their max is the same test as
         # openai's on log-softmax values: both sides shift by the same normalizer.)
-        x = logits.astype(np.float64)
-        ts_mass = _logsumexp_rows(x[:, tb:])
-        best_text = x[:, :tb].max(axis=1)
+        # (float64 for the timestamps only: the max of the text part is exact in float32.)
+        ts_mass = _logsumexp_rows(logits[:, tb:].astype(np.float64))
+        best_text = logits[:, :tb].max(axis=1).astype(np.float64)
         logits[ts_mass > best_text, :tb] = NEG_INF
