@@ -311,7 +311,7 @@ def _conv_ref(x, w, b, stride, pads, dilation, groups):
             patch = x[(slice(None), slice(g * cin_g, (g + 1) * cin_g), *sl)]
             wt = w[(o, slice(None), *tap)].reshape((1, cin_g) + (1,) * nsp)
             out[:, o] += (patch * wt).sum(axis=1)
-    return out + b.reshape((1, cout) + (1,) * nsp)
+    return out if b is None else out + b.reshape((1, cout) + (1,) * nsp)
 
 
 def test_conv_1d_2d_strides_pads_dilation_groups(tmp_path):
@@ -322,12 +322,22 @@ def test_conv_1d_2d_strides_pads_dilation_groups(tmp_path):
     w_pw = _randn(5, 4, 1, 1)
     b_pw = _randn(5)
 
+    w_pw1 = _randn(5, 4, 1)
+
     @mb.program(
-        input_specs=[mb.TensorSpec(shape=(2, 4, 17)), mb.TensorSpec(shape=(1, 4, 9, 10))],
+        input_specs=[
+            mb.TensorSpec(shape=(2, 4, 17)),
+            mb.TensorSpec(shape=(1, 4, 9, 10)),
+            mb.TensorSpec(shape=(3, 4, 2)),
+            mb.TensorSpec(shape=(2, 4, 1, 3)),
+        ],
         opset_version=ct.target.iOS17,
     )
-    def prog(x1, x2):
+    def prog(x1, x2, x3, x4):
         return (
+            # Pointwise over a few positions (a decoder step): the vector-product path.
+            mb.conv(x=x3, weight=w_pw1, bias=b_pw, name="c1_few"),
+            mb.conv(x=x4, weight=w_pw, name="c2_few_nobias"),
             mb.conv(x=x1, weight=w1, bias=b1, pad_type="custom", pad=[1, 1], name="c1_pad"),
             mb.conv(x=x1, weight=w1, bias=b1, strides=[2], pad_type="same", name="c1_same"),
             mb.conv(x=x1, weight=w1, bias=b1, dilations=[2], pad_type="valid", name="c1_dil"),
@@ -346,9 +356,12 @@ def test_conv_1d_2d_strides_pads_dilation_groups(tmp_path):
 
     model = InterpreterModel(_save(prog, tmp_path / "conv.mlpackage"))
     x1, x2 = _randn(2, 4, 17), _randn(1, 4, 9, 10)
-    out = model.predict({"x1": x1, "x2": x2})
+    x3, x4 = _randn(3, 4, 2), _randn(2, 4, 1, 3)
+    out = model.predict({"x1": x1, "x2": x2, "x3": x3, "x4": x4})
     # "same" with stride 2 over 17 with k=3: out 9, total pad 2 -> (1, 1).
     expected = {
+        "c1_few": _conv_ref(x3, w_pw1, b_pw, [1], [(0, 0)], [1], 1),
+        "c2_few_nobias": _conv_ref(x4, w_pw, None, [1, 1], [(0, 0), (0, 0)], [1, 1], 1),
         "c1_pad": _conv_ref(x1, w1, b1, [1], [(1, 1)], [1], 1),
         "c1_same": _conv_ref(x1, w1, b1, [2], [(1, 1)], [1], 1),
         "c1_dil": _conv_ref(x1, w1, b1, [1], [(0, 0)], [2], 1),

@@ -398,11 +398,23 @@ def _batch_norm(a: Args) -> Kernel:
 # --- products ----------------------------------------------------------------------
 
 
+def _rows_in_order(wt: np.ndarray) -> np.ndarray:
+    """A weight as a C-contiguous (in, out) matrix, copied once at plan time.
+
+    A decoder step multiplies a few vectors by every weight: memory bound, and
+    OpenBLAS streams a C-contiguous (in, out) matrix at ~20 GB/s here against
+    ~7 GB/s for the transposed view of the stored (out, in) one (the 51864 x 384
+    vocabulary projection: 4.0 ms against 11 ms for one token, one thread).
+    Large products are unaffected: GEMM packs either layout.
+    """
+    return np.ascontiguousarray(wt, dtype=np.float32)
+
+
 @kernel("linear")
 def _linear(a: Args) -> Kernel:
     weight = np.asarray(a.const("weight"), np.float32)
     bias = a.const("bias", None)
-    wt = weight.T  # (in, out) view: BLAS takes the transposed operand without a copy
+    wt = _rows_in_order(weight.T)
     nout = weight.shape[0]
     bias = None if bias is None or not np.any(bias) else np.asarray(bias, np.float32)
 
@@ -514,6 +526,11 @@ def _conv_pads(
     return pads
 
 
+#: A pointwise conv over at most this many positions (batch x length) runs as a
+#: vector-matrix product over its transposed weight.
+FEW_POSITIONS = 16
+
+
 @kernel("conv")
 def _conv(a: Args) -> Kernel:
     weight = np.asarray(a.const("weight"), np.float32)
@@ -530,7 +547,15 @@ def _conv(a: Args) -> Kernel:
     cin_g = weight.shape[1]
     ksize = weight.shape[2:]
     keff = [(k - 1) * d + 1 for k, d in zip(ksize, dilations, strict=True)]
-    wmat = np.ascontiguousarray(weight.reshape(groups, cout // groups, -1))
+    # A pointwise conv over a few positions (a decoder step) is a vector-matrix
+    # product: it runs as x^T @ w^T with w^T stored in order (see _rows_in_order).
+    # Other convs use the transposed view of that one copy.
+    if groups == 1:
+        wmat_t = _rows_in_order(weight.reshape(cout, -1).T)
+        wmat = wmat_t.T[None]
+    else:
+        wmat_t = None
+        wmat = np.ascontiguousarray(weight.reshape(groups, cout // groups, -1))
     bias_col = None if bias is None else np.asarray(bias, np.float32).reshape(cout, 1)
     pointwise = all(k == 1 for k in ksize) and all(s == 1 for s in strides)
     strides_prod = math.prod(strides)
@@ -542,8 +567,16 @@ def _conv(a: Args) -> Kernel:
         threads.for_product(x.size // max(x.shape[1], 1) * weight.size // max(strides_prod, 1))
         pads = _conv_pads(pad_type, pad, size, keff, strides)
         if pointwise and not any(p for pp in pads for p in pp):
-            out = np.matmul(wmat, x.reshape(n, groups, cin_g, -1))
             out_size = size
+            positions = math.prod(size)
+            if wmat_t is not None and n * positions <= FEW_POSITIONS:
+                # One (batch x positions, in) @ (in, out) product: the weight is read once.
+                xt = np.swapaxes(x.reshape(n, cin_g, positions), 1, 2).reshape(-1, cin_g)
+                out = np.matmul(xt, wmat_t).reshape(n, positions, cout)
+                if bias_col is not None:
+                    out += bias_col.reshape(cout)
+                return np.ascontiguousarray(np.swapaxes(out, 1, 2)).reshape(n, cout, *out_size)
+            out = np.matmul(wmat, x.reshape(n, groups, cin_g, -1))
         else:
             if any(p for pp in pads for p in pp):
                 x = np.pad(x, [(0, 0), (0, 0), *pads])
