@@ -9,6 +9,7 @@ tiny.en packages are checked against wruntime.oracle at the end.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import coremltools as ct
@@ -217,6 +218,49 @@ def test_products_reductions_and_norms(tmp_path):
         np.testing.assert_allclose(out[name], ref, rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(out["argmax"], x.argmax(-1))
     assert out["argmax"].dtype == np.int32
+
+
+def test_linears_concatenated_run_as_one_product(tmp_path):
+    """Split projections (the vocabulary, in four) are planned as one linear, same values."""
+    ws = [_randn(n, 8) for n in (5, 7, 6)]
+    b0 = _randn(5)
+    w_big = _randn(131200, 8)  # over SPLIT_BYTES: the threaded vector-matrix product
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3, 8))], opset_version=ct.target.iOS17)
+    def prog(x):
+        parts = [
+            mb.linear(x=x, weight=ws[0], bias=b0),
+            mb.linear(x=x, weight=ws[1]),
+            mb.linear(x=x, weight=ws[2]),
+        ]
+        kept = mb.linear(x=x, weight=ws[0], name="kept")  # also an output: not fused
+        return (
+            mb.concat(values=parts, axis=-1, name="fused"),
+            mb.concat(values=[kept, mb.linear(x=x, weight=ws[1])], axis=2, name="not_fused"),
+            kept,
+            mb.linear(x=mb.reduce_mean(x=x, axes=[1]), weight=w_big, name="big"),
+        )
+
+    model = InterpreterModel(_save(prog, tmp_path / "fuse.mlpackage"))
+    kinds = [s.op_type for s in model.plan.steps]
+    assert kinds.count("linear") == 4 and kinds.count("concat") == 1
+    for threads in ("1", "2"):  # one thread, and the big product split between two
+        x = _randn(2, 3, 8)
+        ref = np.concatenate([x @ ws[0].T + b0, x @ ws[1].T, x @ ws[2].T], axis=-1)
+        os.environ["WRUNTIME_THREADS"] = threads
+        try:
+            out = model.predict({"x": x})
+        finally:
+            del os.environ["WRUNTIME_THREADS"]
+        np.testing.assert_allclose(out["fused"], ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            out["not_fused"],
+            np.concatenate([x @ ws[0].T, x @ ws[1].T], axis=-1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(out["kept"], x @ ws[0].T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["big"], x.mean(1) @ w_big.T, rtol=1e-5, atol=1e-4)
 
 
 def test_less_common_ops(tmp_path):

@@ -410,23 +410,44 @@ def _rows_in_order(wt: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wt, dtype=np.float32)
 
 
-@kernel("linear")
-def _linear(a: Args) -> Kernel:
-    weight = np.asarray(a.const("weight"), np.float32)
-    bias = a.const("bias", None)
-    wt = _rows_in_order(weight.T)
-    nout = weight.shape[0]
+#: A product with at most this many rows is a few vector-matrix products.
+FEW_ROWS = 16
+#: Vector-matrix products over a weight of at least this many bytes share its
+#: columns among threads when the cores are free (see fast.product_by_columns).
+SPLIT_BYTES = 4 << 20
+
+
+def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any], Any]:
+    """`x @ weight.T + bias` over the last axis of x, for a (out, in) weight.
+
+    Also used by plan.py for linears fused into one (see plan._fuse_linear_concat).
+    """
+    wt = _rows_in_order(np.asarray(weight, np.float32).T)
+    nin, nout = wt.shape
     bias = None if bias is None or not np.any(bias) else np.asarray(bias, np.float32)
+    split = wt.nbytes >= SPLIT_BYTES
 
     def linear(x: Any) -> Any:
         lead = x.shape[:-1]
-        threads.for_product(x.size * nout)
-        out = np.matmul(x.reshape(-1, x.shape[-1]), wt)
+        x2 = x.reshape(-1, nin)
+        out = np.empty((*lead, nout), np.float32)  # owned by the result: never copied again
+        out2 = out.reshape(-1, nout)
+        if split and x2.shape[0] <= FEW_ROWS and threads.run_threads() > 1:
+            threads.for_product(0)
+            fast.product_by_columns(x2, wt, out2)
+        else:
+            threads.for_product(x.size * nout)
+            np.matmul(x2, wt, out=out2)
         if bias is not None:
-            out += bias
-        return out.reshape((*lead, nout))
+            out2 += bias
+        return out
 
-    return linear, [a.var("x")]
+    return linear
+
+
+@kernel("linear")
+def _linear(a: Args) -> Kernel:
+    return linear_kernel(a.const("weight"), a.const("bias", None)), [a.var("x")]
 
 
 @kernel("matmul")

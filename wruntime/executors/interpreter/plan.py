@@ -21,7 +21,7 @@ import numpy as np
 from wruntime.errors import ExecutorError
 from wruntime.executors.interpreter import threads
 from wruntime.executors.interpreter.fp16 import is_float, round_fp16
-from wruntime.executors.interpreter.kernels import KERNELS, STATEFUL_OPS, Args
+from wruntime.executors.interpreter.kernels import KERNELS, STATEFUL_OPS, Args, linear_kernel
 
 # Ops that only move or select values: rounding their output to fp16 again is a
 # no-op, so fp16 emulation skips it.
@@ -223,6 +223,76 @@ def _pass_on(x: Any) -> Any:
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
+RawStep = tuple[Callable[..., Any], list[Any], list[Any], Any]
+
+
+@dataclass(frozen=True)
+class _FusedOp:
+    """What a fused step reports as its op (for errors and fp16 rounding)."""
+
+    op_type: str
+    name: str
+
+
+def _fuse_linear_concat(
+    raw_steps: list[RawStep], known: dict[int, Any], outputs: list[Any]
+) -> None:
+    """Linears of one input concatenated along their output axis become one linear.
+
+    A converter splits a large projection into pieces (Whisper's 51,864-way
+    vocabulary into four, for the Neural Engine); run as one product the weight
+    is streamed once, in one BLAS call, and the concat's copy disappears. Each
+    output value is the same dot product plus the same bias (BLAS may order a
+    sum differently: ~1e-7 relative on tiny.en's logits). Rewrites `raw_steps`
+    in place.
+    """
+    producer = {id(v): i for i, (_, _, outs, _) in enumerate(raw_steps) for v in outs}
+    uses: dict[int, int] = {}
+    for _, ins, _, _ in raw_steps:
+        for v in ins:
+            uses[id(v)] = uses.get(id(v), 0) + 1
+    for v in outputs:
+        uses[id(v)] = uses.get(id(v), 0) + 1
+    dead: set[int] = set()
+    for index, (_, ins, outs, op) in enumerate(raw_steps):
+        if op.op_type != "concat" or len(ins) < 2:
+            continue
+        interleave = known.get(id(op.inputs.get("interleave")))
+        axis = known.get(id(op.inputs.get("axis")))
+        if axis is None or bool(interleave) or int(axis) not in (-1, outs[0].rank - 1):
+            continue
+        sources = [producer.get(id(v)) for v in ins]
+        if any(i is None or uses.get(id(v)) != 1 for i, v in zip(sources, ins, strict=True)):
+            continue
+        linears = [raw_steps[i][3] for i in sources]
+        if any(o.op_type != "linear" for o in linears):
+            continue
+        xs = {id(o.inputs["x"]) for o in linears}
+        weights = [known.get(id(o.inputs["weight"])) for o in linears]
+        biases = [
+            known.get(id(o.inputs["bias"])) if o.inputs.get("bias") is not None else None
+            for o in linears
+        ]
+        if len(xs) != 1 or any(w is None for w in weights):
+            continue
+        if any(
+            b is None and o.inputs.get("bias") is not None
+            for b, o in zip(biases, linears, strict=True)
+        ):
+            continue  # a bias computed at run time
+        bias = np.concatenate(
+            [
+                np.zeros(w.shape[0], np.float32) if b is None else b
+                for w, b in zip(weights, biases, strict=True)
+            ]
+        )
+        fn = linear_kernel(np.concatenate(weights, axis=0), bias)
+        label = "+".join(o.name for o in linears) + "+" + op.name
+        raw_steps[index] = (fn, [linears[0].inputs["x"]], outs, _FusedOp("linear", label))
+        dead.update(sources)
+    raw_steps[:] = [step for i, step in enumerate(raw_steps) if i not in dead]
+
+
 def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> Plan:
     """Plan function `name` of a loaded MIL program."""
     if name not in program.functions:
@@ -258,7 +328,7 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
     def known_value(var: Any) -> Any:
         return known.get(id(var))
 
-    raw_steps: list[tuple[Callable[..., Any], list[Any], list[Any], Any]] = []
+    raw_steps: list[RawStep] = []
     op_counts: dict[str, int] = {}
     for op in function.operations:
         kind = op.op_type
@@ -299,6 +369,7 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
         raw_steps.append((fn, in_vars, list(op.outputs), op))
 
     output_vars = list(function.outputs)
+    _fuse_linear_concat(raw_steps, known, output_vars)
     # Slots: constants used at run time go into the template; the rest are filled by runs.
     for _, in_vars, out_vars, _ in raw_steps:
         for v in (*in_vars, *out_vars):
