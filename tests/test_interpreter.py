@@ -263,6 +263,55 @@ def test_linears_concatenated_run_as_one_product(tmp_path):
         np.testing.assert_allclose(out["big"], x.mean(1) @ w_big.T, rtol=1e-5, atol=1e-4)
 
 
+def test_matmul_of_concat_runs_on_the_parts(tmp_path):
+    """A KV-cache-style concat feeding a matmul is never built; values as written."""
+    q, r = _randn(2, 3, 6, 4), _randn(2, 3, 7, 5)
+    s6, y4 = _randn(2, 3, 6, 7), _randn(2, 3, 4, 5)
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(2, 3, 4, 5)), mb.TensorSpec(shape=(2, 3, 4, 2))],
+        opset_version=ct.target.iOS17,
+    )
+    def prog(a, b):
+        def cat():
+            return mb.concat(values=[a, b], axis=-1)
+
+        flat = mb.concat(
+            values=[mb.reshape(x=a, shape=[2, 12, 5]), mb.reshape(x=b, shape=[2, 12, 2])], axis=2
+        )
+        return (
+            mb.matmul(x=q, y=cat(), name="n_axis"),
+            mb.matmul(x=cat(), y=r, name="k_axis"),
+            mb.matmul(x=cat(), y=y4, transpose_x=True, name="m_axis"),
+            mb.matmul(x=s6, y=cat(), transpose_y=True, name="k_axis_ty"),
+            mb.matmul(x=q, y=mb.reshape(x=flat, shape=[2, 3, 4, 7]), name="reshaped"),
+            mb.matmul(
+                x=mb.reshape(x=cat(), shape=[2, 3, 7, 4]),
+                y=q.transpose(0, 1, 3, 2),
+                name="other_reshape",
+            ),
+        )
+
+    model = InterpreterModel(_save(prog, tmp_path / "catmm.mlpackage"))
+    kinds = [s.op_type for s in model.plan.steps]
+    # None is built; the one whose reshape moves the last axis is, at run time.
+    assert kinds.count("concat") == 0
+    a, b = _randn(2, 3, 4, 5), _randn(2, 3, 4, 2)
+    out = model.predict({"a": a, "b": b})
+    c = np.concatenate([a, b], axis=-1)
+    expected = {
+        "n_axis": q @ c,
+        "k_axis": c @ r,
+        "m_axis": c.transpose(0, 1, 3, 2) @ y4,
+        "k_axis_ty": s6 @ c.transpose(0, 1, 3, 2),
+        "reshaped": q @ c,
+        "other_reshape": c.reshape(2, 3, 7, 4) @ q.transpose(0, 1, 3, 2),
+    }
+    for name, ref in expected.items():
+        assert out[name].shape == ref.shape, name
+        np.testing.assert_allclose(out[name], ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_less_common_ops(tmp_path):
     @mb.program(
         input_specs=[

@@ -247,12 +247,7 @@ def _fuse_linear_concat(
     in place.
     """
     producer = {id(v): i for i, (_, _, outs, _) in enumerate(raw_steps) for v in outs}
-    uses: dict[int, int] = {}
-    for _, ins, _, _ in raw_steps:
-        for v in ins:
-            uses[id(v)] = uses.get(id(v), 0) + 1
-    for v in outputs:
-        uses[id(v)] = uses.get(id(v), 0) + 1
+    uses = _uses(raw_steps, outputs)
     dead: set[int] = set()
     for index, (_, ins, outs, op) in enumerate(raw_steps):
         if op.op_type != "concat" or len(ins) < 2:
@@ -290,6 +285,142 @@ def _fuse_linear_concat(
         label = "+".join(o.name for o in linears) + "+" + op.name
         raw_steps[index] = (fn, [linears[0].inputs["x"]], outs, _FusedOp("linear", label))
         dead.update(sources)
+    raw_steps[:] = [step for i, step in enumerate(raw_steps) if i not in dead]
+
+
+def _uses(raw_steps: list[RawStep], outputs: list[Any]) -> dict[int, int]:
+    uses: dict[int, int] = {}
+    for _, ins, _, _ in raw_steps:
+        for v in ins:
+            uses[id(v)] = uses.get(id(v), 0) + 1
+    for v in outputs:
+        uses[id(v)] = uses.get(id(v), 0) + 1
+    return uses
+
+
+def _flag(known: dict[int, Any], op: Any, name: str) -> bool | None:
+    """A boolean attribute's plan-time value (False when absent, None if computed)."""
+    var = op.inputs.get(name)
+    if var is None:
+        return False
+    value = known.get(id(var))
+    return None if value is None else bool(value)
+
+
+def _concat_matmul_kernel(
+    concat_fn: Callable[..., Any],
+    reshape_fn: Callable[..., Any] | None,
+    matmul_fn: Callable[..., Any],
+    side: int,
+    transposed: bool,
+) -> Callable[..., Any]:
+    """A matmul of a (reshaped) last-axis concat, as products of the parts.
+
+    `side` is 0 when the concat is the matmul's x, 1 when it is y; `transposed`
+    is that operand's transpose flag. Concatenating along the last axis then
+    multiplying is: along an output axis, the concat of the parts' products; along
+    the contracted axis, the sum of the parts' products over the matching slices
+    of the other operand. The reshape may regroup the leading axes only (checked
+    at run time; otherwise the concat is built and the ops run as written).
+    """
+    # Which axis of the other operand (after its own transpose) the parts cut, or
+    # which result axis they concatenate along.
+    contracted = (side == 0) != transposed
+
+    def concat_matmul(other: Any, tx: bool, ty: bool, shape: Any, *parts: Any) -> Any:
+        lead = parts[0].shape[:-1]
+        sizes = [p.shape[-1] for p in parts]
+        if shape is not None:
+            target = [int(d) for d in np.asarray(shape).reshape(-1)]
+            if 0 in target and len(target) == len(lead) + 1:
+                target = [
+                    (lead[i] if i < len(lead) else sum(sizes)) if d == 0 else d
+                    for i, d in enumerate(target)
+                ]
+            if not target or target[-1] != sum(sizes):
+                whole = reshape_fn(concat_fn(*parts), shape)
+                return matmul_fn(whole, other) if side == 0 else matmul_fn(other, whole)
+            parts = [np.reshape(p, (*target[:-1], n)) for p, n in zip(parts, sizes, strict=True)]
+        o = np.swapaxes(other, -1, -2) if (ty if side == 0 else tx) and other.ndim >= 2 else other
+        if transposed:
+            parts = [np.swapaxes(p, -1, -2) for p in parts]
+        threads.for_product(
+            sum(p.size for p in parts) * (o.shape[-1] if side == 0 else o.shape[-2])
+        )
+        if not contracted:
+            results = [np.matmul(p, o) if side == 0 else np.matmul(o, p) for p in parts]
+            return np.concatenate(results, axis=-2 if side == 0 else -1)
+        total, start = None, 0
+        for p, n in zip(parts, sizes, strict=True):
+            if side == 0:
+                term = np.matmul(p, o[..., start : start + n, :])
+            else:
+                term = np.matmul(o[..., start : start + n], p)
+            total = term if total is None else np.add(total, term, out=total)
+            start += n
+        return total
+
+    return concat_matmul
+
+
+def _split_concat_matmul(
+    raw_steps: list[RawStep], known: dict[int, Any], outputs: list[Any]
+) -> None:
+    """A matmul of a last-axis concat (maybe reshaped) runs on the parts, unconcatenated.
+
+    An attention over an explicit KV cache concatenates the cache with this
+    call's keys and values, copying the whole cache every call (tiny.en: 8 copies
+    of 688 KB a token), only to multiply it once. Multiplying the parts reads the
+    cache in place. Rewrites `raw_steps` in place.
+    """
+    producer = {id(v): i for i, (_, _, outs, _) in enumerate(raw_steps) for v in outs}
+    uses = _uses(raw_steps, outputs)
+    dead: set[int] = set()
+    for index, (fn, ins, outs, op) in enumerate(raw_steps):
+        if op.op_type != "matmul" or len(ins) != 2:
+            continue
+        tx, ty = _flag(known, op, "transpose_x"), _flag(known, op, "transpose_y")
+        if tx is None or ty is None:
+            continue
+        for side in (0, 1):
+            var = ins[side]
+            chain = []  # the reshape (optional) then the concat, walking back
+            src = producer.get(id(var))
+            if src is None or uses.get(id(var)) != 1:
+                continue
+            if raw_steps[src][3].op_type == "reshape":
+                chain.append(src)
+                rvar = raw_steps[src][1][0]
+                src = producer.get(id(rvar))
+                if src is None or uses.get(id(rvar)) != 1:
+                    continue
+            cop = raw_steps[src][3]
+            if cop.op_type != "concat" or src in dead:
+                continue
+            axis = known.get(id(cop.inputs.get("axis")))
+            interleave = known.get(id(cop.inputs.get("interleave")))
+            cout = raw_steps[src][2][0]
+            if axis is None or bool(interleave) or int(axis) not in (-1, cout.rank - 1):
+                continue
+            parts = raw_steps[src][1]
+            if len(parts) < 2 or cout.rank < 2:
+                continue
+            reshape_fn = raw_steps[chain[0]][0] if chain else None
+            shape_var = raw_steps[chain[0]][1][1] if chain else None
+            kernel = _concat_matmul_kernel(
+                raw_steps[src][0], reshape_fn, fn, side, tx if side == 0 else ty
+            )
+            other = ins[1 - side]
+
+            def bound(*values: Any, _k=kernel, _tx=tx, _ty=ty, _shaped=bool(chain)) -> Any:
+                if _shaped:
+                    return _k(values[0], _tx, _ty, values[1], *values[2:])
+                return _k(values[0], _tx, _ty, None, *values[1:])
+
+            new_ins = [other, *([shape_var] if chain else []), *parts]
+            raw_steps[index] = (bound, new_ins, outs, op)
+            dead.update([src, *chain])
+            break
     raw_steps[:] = [step for i, step in enumerate(raw_steps) if i not in dead]
 
 
@@ -370,6 +501,7 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
 
     output_vars = list(function.outputs)
     _fuse_linear_concat(raw_steps, known, output_vars)
+    _split_concat_matmul(raw_steps, known, output_vars)
     # Slots: constants used at run time go into the template; the rest are filled by runs.
     for _, in_vars, out_vars, _ in raw_steps:
         for v in (*in_vars, *out_vars):
