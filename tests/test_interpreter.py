@@ -224,7 +224,7 @@ def test_linears_concatenated_run_as_one_product(tmp_path):
     """Split projections (the vocabulary, in four) are planned as one linear, same values."""
     ws = [_randn(n, 8) for n in (5, 7, 6)]
     b0 = _randn(5)
-    w_big = _randn(131200, 8)  # over SPLIT_BYTES: the threaded vector-matrix product
+    w_big = _randn(131200, 8)  # over BLOCKED_BYTES: column blocks, shared among threads
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3, 8))], opset_version=ct.target.iOS17)
     def prog(x):
@@ -239,11 +239,17 @@ def test_linears_concatenated_run_as_one_product(tmp_path):
             mb.concat(values=[kept, mb.linear(x=x, weight=ws[1])], axis=2, name="not_fused"),
             kept,
             mb.linear(x=mb.reduce_mean(x=x, axes=[1]), weight=w_big, name="big"),
+            mb.linear(x=mb.reduce_mean(x=x, axes=[0, 1]), weight=w_big, name="big_one_row"),
+            mb.linear(  # more rows than FEW_ROWS: one product per block
+                x=mb.tile(x=mb.reshape(x=x, shape=[6, 8]), reps=[4, 1]),
+                weight=w_big,
+                name="many_rows",
+            ),
         )
 
     model = InterpreterModel(_save(prog, tmp_path / "fuse.mlpackage"))
     kinds = [s.op_type for s in model.plan.steps]
-    assert kinds.count("linear") == 4 and kinds.count("concat") == 1
+    assert kinds.count("linear") == 6 and kinds.count("concat") == 1
     for threads in ("1", "2"):  # one thread, and the big product split between two
         x = _randn(2, 3, 8)
         ref = np.concatenate([x @ ws[0].T + b0, x @ ws[1].T, x @ ws[2].T], axis=-1)
@@ -261,6 +267,10 @@ def test_linears_concatenated_run_as_one_product(tmp_path):
         )
         np.testing.assert_allclose(out["kept"], x @ ws[0].T, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(out["big"], x.mean(1) @ w_big.T, rtol=1e-5, atol=1e-4)
+        ref_one = x.mean((0, 1)) @ w_big.T
+        np.testing.assert_allclose(out["big_one_row"], ref_one, rtol=1e-5, atol=1e-4)
+        ref_many = np.tile(x.reshape(6, 8), (4, 1)) @ w_big.T
+        np.testing.assert_allclose(out["many_rows"], ref_many, rtol=1e-5, atol=1e-4)
 
 
 def test_matmul_of_concat_runs_on_the_parts(tmp_path):

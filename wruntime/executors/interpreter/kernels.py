@@ -412,9 +412,18 @@ def _rows_in_order(wt: np.ndarray) -> np.ndarray:
 
 #: A product with at most this many rows is a few vector-matrix products.
 FEW_ROWS = 16
-#: Vector-matrix products over a weight of at least this many bytes share its
-#: columns among threads when the cores are free (see fast.product_by_columns).
-SPLIT_BYTES = 4 << 20
+#: Weights of at least this many bytes are multiplied in column blocks (see
+#: fast.BlockedWeight); smaller ones fit in cache whole.
+BLOCKED_BYTES = 4 << 20
+
+
+def _few_rows(x2: np.ndarray, wt: np.ndarray, out2: np.ndarray) -> None:
+    """out2 = x2 @ wt for a few rows, row by row: the weight, read once from
+    memory, stays in cache for the other rows (GEMM pads a few rows to its kernel
+    height: 5 rows by 1152 x 384 took 0.27 ms against 0.19 ms row by row)."""
+    threads.for_product(0)
+    for r in range(x2.shape[0]):
+        np.matmul(x2[r], wt, out=out2[r])
 
 
 def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any], Any]:
@@ -425,16 +434,18 @@ def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any]
     wt = _rows_in_order(np.asarray(weight, np.float32).T)
     nin, nout = wt.shape
     bias = None if bias is None or not np.any(bias) else np.asarray(bias, np.float32)
-    split = wt.nbytes >= SPLIT_BYTES
+    blocked = fast.BlockedWeight(wt) if wt.nbytes >= BLOCKED_BYTES else None
 
     def linear(x: Any) -> Any:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, nin)
         out = np.empty((*lead, nout), np.float32)  # owned by the result: never copied again
         out2 = out.reshape(-1, nout)
-        if split and x2.shape[0] <= FEW_ROWS and threads.run_threads() > 1:
-            threads.for_product(0)
-            fast.product_by_columns(x2, wt, out2)
+        rows = x2.shape[0]
+        if blocked is not None:
+            fast.blocked_product(x2, blocked, out2, FEW_ROWS)
+        elif 1 < rows <= FEW_ROWS:
+            _few_rows(x2, wt, out2)
         else:
             threads.for_product(x.size * nout)
             np.matmul(x2, wt, out=out2)
@@ -547,9 +558,9 @@ def _conv_pads(
     return pads
 
 
-#: A pointwise conv over at most this many positions (batch x length) runs as a
-#: vector-matrix product over its transposed weight.
-FEW_POSITIONS = 16
+#: A pointwise conv over at most this many positions (batch x length) runs as
+#: vector-matrix products over its transposed weight.
+FEW_POSITIONS = FEW_ROWS
 
 
 @kernel("conv")
@@ -591,9 +602,12 @@ def _conv(a: Args) -> Kernel:
             out_size = size
             positions = math.prod(size)
             if wmat_t is not None and n * positions <= FEW_POSITIONS:
-                # One (batch x positions, in) @ (in, out) product: the weight is read once.
                 xt = np.swapaxes(x.reshape(n, cin_g, positions), 1, 2).reshape(-1, cin_g)
-                out = np.matmul(xt, wmat_t).reshape(n, positions, cout)
+                if xt.shape[0] == 1:
+                    out = np.matmul(xt, wmat_t).reshape(n, positions, cout)
+                else:
+                    out = np.empty((n, positions, cout), np.float32)
+                    _few_rows(xt, wmat_t, out.reshape(-1, cout))
                 if bias_col is not None:
                     out += bias_col.reshape(cout)
                 return np.ascontiguousarray(np.swapaxes(out, 1, 2)).reshape(n, cout, *out_size)
