@@ -194,6 +194,30 @@ def test_rearrange_makes_beams_continue_their_source_rows(tiny):
     np.testing.assert_allclose(again[2], fresh.step(np.asarray([words[0]]))[0], atol=1e-3)
 
 
+def test_beams_keep_their_own_history_through_shuffles_and_copies(tiny):
+    # Beams live in cache rows that need not be their index (rearrange moves as
+    # little as it can): after swaps, a cycle and duplicated sources, every beam's
+    # logits must still be those of its own token history fed alone.
+    model = tiny.model
+    tok = model.tokenizer
+    words = [tok.encode(w)[0] for w in (" And", " So", " Ask", " not", " what", " your")]
+    s = model.session(tiny.cross("jfk"), batch=4, stateful=False)
+    s.prefill(tok.sot_sequence)
+    histories = [[] for _ in range(4)]
+    orders = [[0, 1, 2, 3], [1, 2, 3, 0], [2, 2, 0, 1], [3, 1, 1, 1], [1, 0, 3, 2]]
+    for step, order in enumerate(orders):
+        fed = [words[(step + i) % len(words)] for i in range(4)]
+        logits = s.step(np.asarray(fed))
+        histories = [[*h, t] for h, t in zip(histories, fed, strict=True)]
+        for beam in range(4):
+            alone = model.session(tiny.cross("jfk"), batch=1, stateful=False)
+            alone.prefill([*tok.sot_sequence, *histories[beam][:-1]])
+            want = alone.step(np.asarray(histories[beam][-1:]))[0]
+            np.testing.assert_allclose(logits[beam], want, atol=1e-3, err_msg=f"step {step}")
+        s.rearrange(order)
+        histories = [list(histories[r]) for r in order]
+
+
 def test_vocabulary_chunked_logits_are_joined(tiny):
     """A decoder built for the Neural Engine names its logits logits_0, logits_1, ..."""
     from wruntime.build.decoder import vocab_chunks

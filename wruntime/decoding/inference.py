@@ -115,6 +115,9 @@ class ExplicitCacheSession(_Session):
         # Batch 1 until the first step: the shared prompt is computed once.
         self.k_cache = np.zeros((n_layer, 1, n_state, n_ctx), np.float32)
         self.v_cache = np.zeros_like(self.k_cache)
+        # Cache row of each beam (see rearrange), and whether that is the identity.
+        self._rows = np.arange(batch)
+        self._in_order = True
 
     def _mask(self, count: int) -> np.ndarray:
         """(T, N + T): cache slots before `position` visible, new tokens causal among themselves."""
@@ -159,21 +162,44 @@ class ExplicitCacheSession(_Session):
     def step(self, tokens: np.ndarray) -> np.ndarray:
         self._widen()
         self._stepped = True
-        return self.forward(np.asarray(tokens, dtype=np.int32).reshape(self.batch, 1))[:, -1]
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(self.batch)
+        if self._in_order:
+            return self.forward(tokens[:, None])[:, -1]
+        feed = np.empty_like(tokens)
+        feed[self._rows] = tokens  # each beam's token into its cache row
+        logits = self.forward(feed[:, None])[self._rows, -1]
+        if self.alignment is not None:
+            self.alignment = self.alignment[self._rows]
+        return logits
 
     def rearrange(self, source_rows: Sequence[int]) -> None:
-        rows = np.asarray(source_rows, dtype=np.intp)
-        # Only the rows that change and only the filled slots move (a beam that
-        # continues itself stays put); the fancy-indexed right side is a copy,
-        # so rows that swap read their old contents.
-        moved = np.flatnonzero(rows != np.arange(len(rows)))
-        if len(moved) == 0:
-            return
-        self._widen()
+        """Beams follow their sources by moving as little of the cache as possible.
+
+        Beam i lives in cache row ``_rows[i]``, not necessarily row i: a beam
+        whose source row no earlier beam has claimed takes that row over as it
+        is, and only a second beam continuing the same source gets a copy, into
+        a row no beam continues. The copies only ever read rows that stay and
+        write rows that are free, and only the filled slots move.
+        """
+        if self.k_cache.shape[1] == 1:
+            return  # before the first step every row is the prompt: nothing to move
+        sources = [int(self._rows[r]) for r in source_rows]
+        claimed = set(sources)
+        free = [row for row in range(self.batch) if row not in claimed]
+        rows: list[int] = []
+        kept: set[int] = set()
         used = self.position
-        sources = rows[moved]
-        self.k_cache[:, moved, :, :used] = self.k_cache[:, sources, :, :used]
-        self.v_cache[:, moved, :, :used] = self.v_cache[:, sources, :, :used]
+        for source in sources:
+            if source not in kept:
+                kept.add(source)
+                rows.append(source)
+                continue
+            row = free.pop()
+            self.k_cache[:, row, :, :used] = self.k_cache[:, source, :, :used]
+            self.v_cache[:, row, :, :used] = self.v_cache[:, source, :, :used]
+            rows.append(row)
+        self._rows = np.asarray(rows, dtype=np.intp)
+        self._in_order = rows == list(range(self.batch))
 
 
 class StatefulSession(_Session):
