@@ -489,7 +489,10 @@ def test_layout_and_indexing_ops(tmp_path):
     )
     def prog(x, idx, idx3):
         parts = mb.split(x=x, split_sizes=[1, 3], axis=2)
+        halves = mb.split(x=x, num_splits=2, axis=-1)
         return (
+            mb.identity(x=halves[0], name="half0"),
+            mb.identity(x=halves[1], name="half1"),
             mb.reshape(x=x, shape=[0, -1, 2], name="reshape"),
             mb.transpose(x=x, perm=[2, 0, 1], name="transpose"),
             mb.expand_dims(x=x, axes=[0, -1], name="expand"),
@@ -538,6 +541,8 @@ def test_layout_and_indexing_ops(tmp_path):
         "concat": np.concatenate([x, x], 1),
         "interleave": np.repeat(x, 2, axis=2),
         "split0": x[..., :1],
+        "half0": x[..., :2],
+        "half1": x[..., 2:],
         "split1": x[..., 1:],
         "sbi": x[0, 1:3, 0::2],
         "sbs": x[1:2, :, 1:3],
