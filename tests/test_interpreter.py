@@ -426,6 +426,7 @@ def test_conv_1d_2d_strides_pads_dilation_groups(tmp_path):
     b_pw = _randn(5)
 
     w_pw1 = _randn(5, 4, 1)
+    w_narrow, b_narrow = _randn(3, 4, 1), _randn(3)
 
     @mb.program(
         input_specs=[
@@ -440,6 +441,7 @@ def test_conv_1d_2d_strides_pads_dilation_groups(tmp_path):
         return (
             # Pointwise over a few positions (a decoder step): the vector-product path.
             mb.conv(x=x3, weight=w_pw1, bias=b_pw, name="c1_few"),
+            mb.conv(x=x3, weight=w_narrow, bias=b_narrow, name="c1_few_narrow"),  # in > out
             mb.conv(x=x4, weight=w_pw, name="c2_few_nobias"),
             mb.conv(x=x1, weight=w1, bias=b1, pad_type="custom", pad=[1, 1], name="c1_pad"),
             mb.conv(x=x1, weight=w1, bias=b1, strides=[2], pad_type="same", name="c1_same"),
@@ -464,6 +466,7 @@ def test_conv_1d_2d_strides_pads_dilation_groups(tmp_path):
     # "same" with stride 2 over 17 with k=3: out 9, total pad 2 -> (1, 1).
     expected = {
         "c1_few": _conv_ref(x3, w_pw1, b_pw, [1], [(0, 0)], [1], 1),
+        "c1_few_narrow": _conv_ref(x3, w_narrow, b_narrow, [1], [(0, 0)], [1], 1),
         "c2_few_nobias": _conv_ref(x4, w_pw, None, [1, 1], [(0, 0), (0, 0)], [1, 1], 1),
         "c1_pad": _conv_ref(x1, w1, b1, [1], [(1, 1)], [1], 1),
         "c1_same": _conv_ref(x1, w1, b1, [2], [(1, 1)], [1], 1),

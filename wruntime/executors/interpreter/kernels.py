@@ -411,16 +411,38 @@ def _batch_norm(a: Args) -> Kernel:
 # --- products ----------------------------------------------------------------------
 
 
-def _rows_in_order(wt: np.ndarray) -> np.ndarray:
-    """A weight as a C-contiguous (in, out) matrix, copied once at plan time.
+class _VectorWeight:
+    """A product's weight, copied once into the layout its vector products stream fastest.
 
     A decoder step multiplies a few vectors by every weight: memory bound, and
-    OpenBLAS streams a C-contiguous (in, out) matrix at ~20 GB/s here against
-    ~7 GB/s for the transposed view of the stored (out, in) one (the 51864 x 384
-    vocabulary projection: 4.0 ms against 11 ms for one token, one thread).
-    Large products are unaffected: GEMM packs either layout.
+    OpenBLAS's speed there depends on the layout. With more outputs than inputs a
+    C-contiguous (in, out) matrix streams fastest (the 51864 x 384 vocabulary
+    projection: 4.0 ms for one token against 11 ms through the transposed view
+    of the stored (out, in) one; 1152 x 384: 105 us against 180 us); with more
+    inputs than outputs the (out, in) one does (384 x 1536: 150 us against
+    195 us). Large products are unaffected: GEMM packs either layout, so they
+    use a view of the same copy.
     """
-    return np.ascontiguousarray(wt, dtype=np.float32)
+
+    def __init__(self, weight: np.ndarray) -> None:
+        nout, nin = weight.shape
+        self.by_out = nin > nout
+        self.w = np.ascontiguousarray(weight if self.by_out else weight.T, dtype=np.float32)
+        #: (in, out) and (out, in) views of the one copy.
+        self.in_out = self.w.T if self.by_out else self.w
+        self.out_in = self.w if self.by_out else self.w.T
+
+    def rows(self, x2: np.ndarray, out2: np.ndarray) -> None:
+        """out2 = x2 @ (in, out) for a few rows, row by row: the weight, read once
+        from memory, stays in cache for the other rows (GEMM pads a few rows to
+        its kernel height: 5 rows by 1152 x 384 took 0.27 ms against 0.19 ms)."""
+        threads.for_product(0)
+        if self.by_out:
+            for r in range(x2.shape[0]):
+                np.matmul(self.w, x2[r], out=out2[r])
+        else:
+            for r in range(x2.shape[0]):
+                np.matmul(x2[r], self.w, out=out2[r])
 
 
 #: A product with at most this many rows is a few vector-matrix products.
@@ -430,24 +452,16 @@ FEW_ROWS = 16
 BLOCKED_BYTES = 4 << 20
 
 
-def _few_rows(x2: np.ndarray, wt: np.ndarray, out2: np.ndarray) -> None:
-    """out2 = x2 @ wt for a few rows, row by row: the weight, read once from
-    memory, stays in cache for the other rows (GEMM pads a few rows to its kernel
-    height: 5 rows by 1152 x 384 took 0.27 ms against 0.19 ms row by row)."""
-    threads.for_product(0)
-    for r in range(x2.shape[0]):
-        np.matmul(x2[r], wt, out=out2[r])
-
-
 def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any], Any]:
     """`x @ weight.T + bias` over the last axis of x, for a (out, in) weight.
 
     Also used by plan.py for linears fused into one (see plan._fuse_linear_concat).
     """
-    wt = _rows_in_order(np.asarray(weight, np.float32).T)
-    nin, nout = wt.shape
+    vw = _VectorWeight(np.asarray(weight, np.float32))
+    nin, nout = vw.in_out.shape
     bias = None if bias is None or not np.any(bias) else np.asarray(bias, np.float32)
-    blocked = fast.BlockedWeight(wt) if wt.nbytes >= BLOCKED_BYTES else None
+    big = vw.w.nbytes >= BLOCKED_BYTES and not vw.by_out
+    blocked = fast.BlockedWeight(vw.w) if big else None
 
     def linear(x: Any) -> Any:
         lead = x.shape[:-1]
@@ -457,11 +471,11 @@ def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any]
         rows = x2.shape[0]
         if blocked is not None:
             fast.blocked_product(x2, blocked, out2, FEW_ROWS)
-        elif 1 < rows <= FEW_ROWS:
-            _few_rows(x2, wt, out2)
+        elif rows <= FEW_ROWS:
+            vw.rows(x2, out2)
         else:
             threads.for_product(x.size * nout)
-            np.matmul(x2, wt, out=out2)
+            np.matmul(x2, vw.in_out, out=out2)
         if bias is not None:
             out2 += bias
         return out
@@ -592,14 +606,14 @@ def _conv(a: Args) -> Kernel:
     cin_g = weight.shape[1]
     ksize = weight.shape[2:]
     keff = [(k - 1) * d + 1 for k, d in zip(ksize, dilations, strict=True)]
-    # A pointwise conv over a few positions (a decoder step) is a vector-matrix
-    # product: it runs as x^T @ w^T with w^T stored in order (see _rows_in_order).
-    # Other convs use the transposed view of that one copy.
+    # A pointwise conv over a few positions (a decoder step) is a few
+    # vector-matrix products (see _VectorWeight); other convs use a view of the
+    # same copy.
     if groups == 1:
-        wmat_t = _rows_in_order(weight.reshape(cout, -1).T)
-        wmat = wmat_t.T[None]
+        vw: _VectorWeight | None = _VectorWeight(weight.reshape(cout, -1))
+        wmat = vw.out_in[None]
     else:
-        wmat_t = None
+        vw = None
         wmat = np.ascontiguousarray(weight.reshape(groups, cout // groups, -1))
     bias_col = None if bias is None else np.asarray(bias, np.float32).reshape(cout, 1)
     pointwise = all(k == 1 for k in ksize) and all(s == 1 for s in strides)
@@ -614,13 +628,10 @@ def _conv(a: Args) -> Kernel:
         if pointwise and not any(p for pp in pads for p in pp):
             out_size = size
             positions = math.prod(size)
-            if wmat_t is not None and n * positions <= FEW_POSITIONS:
+            if vw is not None and n * positions <= FEW_POSITIONS:
                 xt = np.swapaxes(x.reshape(n, cin_g, positions), 1, 2).reshape(-1, cin_g)
-                if xt.shape[0] == 1:
-                    out = np.matmul(xt, wmat_t).reshape(n, positions, cout)
-                else:
-                    out = np.empty((n, positions, cout), np.float32)
-                    _few_rows(xt, wmat_t, out.reshape(-1, cout))
+                out = np.empty((n, positions, cout), np.float32)
+                vw.rows(xt, out.reshape(-1, cout))
                 if bias_col is not None:
                     out += bias_col.reshape(cout)
                 return np.ascontiguousarray(np.swapaxes(out, 1, 2)).reshape(n, cout, *out_size)
