@@ -617,6 +617,30 @@ def test_flexible_shapes(flexible, t):
     np.testing.assert_array_equal(out["emb"], np.arange(160, dtype=np.float32).reshape(20, 8)[pos])
 
 
+def test_pointwise_conv_over_flexible_length(tmp_path):
+    """A decoder-like conv (flexible length): few positions and many, both weight layouts."""
+    wide, narrow = _randn(12, 5, 1), _randn(3, 5, 1)  # more outputs than inputs; fewer
+    b_wide = _randn(12)
+    t = get_new_symbol()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 5, t))], opset_version=ct.target.iOS17)
+    def prog(x):
+        return (
+            mb.conv(x=x, weight=wide, bias=b_wide, name="wide"),
+            mb.conv(x=x, weight=narrow, name="narrow"),
+        )
+
+    inputs = [ct.TensorType("x", shape=(2, 5, ct.RangeDim(1, 40, default=1)))]
+    model = InterpreterModel(_save(prog, tmp_path / "flexconv.mlpackage", inputs=inputs))
+    for length in (1, 3, 40):  # 2, 6 and 80 positions: vector products, then a GEMM
+        x = _randn(2, 5, length)
+        out = model.predict({"x": x})
+        ref_wide = np.einsum("oc,nct->not", wide[..., 0], x) + b_wide[:, None]
+        np.testing.assert_allclose(out["wide"], ref_wide, rtol=1e-5, atol=1e-5)
+        ref_narrow = np.einsum("oc,nct->not", narrow[..., 0], x)
+        np.testing.assert_allclose(out["narrow"], ref_narrow, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_refused(flexible):
     model = InterpreterModel(flexible)
     good = {"x": _randn(1, 2, 8), "pos": np.arange(2, dtype=np.int32)}
