@@ -424,10 +424,19 @@ class _VectorWeight:
     use a view of the same copy.
     """
 
-    def __init__(self, weight: np.ndarray) -> None:
-        nout, nin = weight.shape
+    def __init__(self, pieces: Sequence[np.ndarray]) -> None:
+        """`pieces`: (out_i, in) weights, stacked along out (one copy, no temporaries)."""
+        nin = pieces[0].shape[1]
+        nout = sum(p.shape[0] for p in pieces)
         self.by_out = nin > nout
-        self.w = np.ascontiguousarray(weight if self.by_out else weight.T, dtype=np.float32)
+        if self.by_out:
+            self.w = np.concatenate(pieces, axis=0, dtype=np.float32)
+        else:
+            self.w = np.empty((nin, nout), np.float32)
+            start = 0
+            for p in pieces:
+                self.w[:, start : start + p.shape[0]] = p.T
+                start += p.shape[0]
         #: (in, out) and (out, in) views of the one copy.
         self.in_out = self.w.T if self.by_out else self.w
         self.out_in = self.w if self.by_out else self.w.T
@@ -452,18 +461,34 @@ FEW_ROWS = 16
 BLOCKED_BYTES = 4 << 20
 
 
-def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any], Any]:
-    """`x @ weight.T + bias` over the last axis of x, for a (out, in) weight.
+def linear_kernel(
+    weights: Sequence[np.ndarray], bias: np.ndarray | None, lazy: bool = False
+) -> Callable[[Any], Any]:
+    """`x @ weight.T + bias` over the last axis of x, for (out_i, in) weights stacked on out.
 
-    Also used by plan.py for linears fused into one (see plan._fuse_linear_concat).
+    plan.py fuses linears of one input into one (see plan._fuse_linear_concat) and
+    drops their own kernels: those are built `lazy`, so a weight is copied into its
+    product layout only by the kernel that runs (the vocabulary projection: 80 MB).
     """
-    vw = _VectorWeight(np.asarray(weight, np.float32))
-    nin, nout = vw.in_out.shape
+    nin = weights[0].shape[1]
+    nout = sum(w.shape[0] for w in weights)
     bias = None if bias is None or not np.any(bias) else np.asarray(bias, np.float32)
-    big = vw.w.nbytes >= BLOCKED_BYTES and not vw.by_out
-    blocked = fast.BlockedWeight(vw.w) if big else None
+    vw: _VectorWeight | None = None
+    blocked: fast.BlockedWeight | None = None
+
+    def prepare() -> _VectorWeight:
+        nonlocal vw, blocked
+        made = _VectorWeight(weights)
+        if made.w.nbytes >= BLOCKED_BYTES and not made.by_out:
+            blocked = fast.BlockedWeight(made.w)
+        vw = made
+        return made
+
+    if not lazy:
+        prepare()
 
     def linear(x: Any) -> Any:
+        vw_ = vw if vw is not None else prepare()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, nin)
         out = np.empty((*lead, nout), np.float32)  # owned by the result: never copied again
@@ -472,10 +497,10 @@ def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any]
         if blocked is not None:
             fast.blocked_product(x2, blocked, out2, FEW_ROWS)
         elif rows <= FEW_ROWS:
-            vw.rows(x2, out2)
+            vw_.rows(x2, out2)
         else:
             threads.for_product(x.size * nout)
-            np.matmul(x2, vw.in_out, out=out2)
+            np.matmul(x2, vw_.in_out, out=out2)
         if bias is not None:
             out2 += bias
         return out
@@ -485,7 +510,8 @@ def linear_kernel(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[Any]
 
 @kernel("linear")
 def _linear(a: Args) -> Kernel:
-    return linear_kernel(a.const("weight"), a.const("bias", None)), [a.var("x")]
+    weight = np.asarray(a.const("weight"), np.float32)
+    return linear_kernel([weight], a.const("bias", None), lazy=True), [a.var("x")]
 
 
 @kernel("matmul")
@@ -614,7 +640,7 @@ def _conv(a: Args) -> Kernel:
     fixed = all(isinstance(d, (int, np.integer)) for d in xshape)
     many = fixed and xshape[0] * math.prod(xshape[2:]) > FEW_POSITIONS
     if groups == 1 and not many:
-        vw: _VectorWeight | None = _VectorWeight(weight.reshape(cout, -1))
+        vw: _VectorWeight | None = _VectorWeight([weight.reshape(cout, -1)])
         wmat = vw.out_in[None]
     else:
         vw = None

@@ -281,7 +281,7 @@ def _fuse_linear_concat(
                 for w, b in zip(weights, biases, strict=True)
             ]
         )
-        fn = linear_kernel(np.concatenate(weights, axis=0), bias)
+        fn = linear_kernel([np.asarray(w, np.float32) for w in weights], bias)
         label = "+".join(o.name for o in linears) + "+" + op.name
         raw_steps[index] = (fn, [linears[0].inputs["x"]], outs, _FusedOp("linear", label))
         dead.update(sources)
