@@ -2,6 +2,7 @@
 
     python benchmarks/speed_e2e.py                    # tiny.en on jfk + test-clean, greedy and beam 5
     python benchmarks/speed_e2e.py --repeats 3 --beams 1 --skip-peers
+    python benchmarks/speed_e2e.py --rounds 3 --beams 5      # alternate the programs 3 times
 
 Every program gets the same float32 samples (decoded once by wruntime), one
 warm-up transcription, then each file `--repeats` times; the per-file median
@@ -10,6 +11,12 @@ the realtime factor (processing / audio time) and, for wruntime, where the time
 went by stage. faster-whisper runs float32 on 2 threads from the CTranslate2
 directory of the same weights; openai-whisper fp32 on the checkpoint of them.
 Temperature 0 without fallback everywhere, so all do the same work.
+
+On a shared machine the load changes within minutes, and a program timed in a
+busy minute loses against one timed in a quiet one. `--rounds N` runs the
+whole comparison N times in turn (ours, then the peers, then ours again...),
+keeps each file's median over the rounds, and reports each ratio as the median
+of the per-round ratios, so the programs compared were timed close together.
 Results go to benchmarks/results/speed_e2e_<model>.json.
 """
 
@@ -59,12 +66,10 @@ def _time_files(transcribe, audio: dict, repeats: int) -> tuple[float, dict[str,
     return sum(medians.values()), medians, sum(cpu_medians)
 
 
-def ours(model: str, executor: str, audio: dict, beams: list[int], repeats: int) -> dict:
-    from wruntime import Transcriber
+def ours(t, audio: dict, beams: list[int], repeats: int) -> dict:  # type: ignore[no-untyped-def]
     from wruntime.timing import StageTimer
     from wruntime.transcribe.transcriber import derive_search
 
-    t = Transcriber(model, executor=executor)
     results = {}
     for beam in beams:
         timer = StageTimer()
@@ -84,8 +89,55 @@ def ours(model: str, executor: str, audio: dict, beams: list[int], repeats: int)
             "per_file": medians,
             "stages": stages,
         }
-        print(f"wruntime {model} beam={beam}: {total:.2f} s", flush=True)
+        print(f"wruntime beam={beam}: {total:.2f} s", flush=True)
     return results
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One result per program and setting from several rounds: per-file medians, summed.
+
+    Stage times add up over the rounds (they are totals of every run, warm-up included).
+    """
+    out: dict[str, dict] = {}
+    for program, settings in rounds[0].items():
+        out[program] = {}
+        for beam in settings:
+            runs = [r[program][beam] for r in rounds]
+            per_file = {
+                key: statistics.median(run["per_file"][key] for run in runs)
+                for key in runs[0]["per_file"]
+            }
+            entry = {
+                "seconds": sum(per_file.values()),
+                "cpu_seconds": statistics.median(run["cpu_seconds"] for run in runs),
+                "per_file": per_file,
+                "round_seconds": [run["seconds"] for run in runs],
+            }
+            if "stages" in runs[0]:
+                stages: dict[str, dict[str, float]] = {}
+                for run in runs:
+                    for name, st in run["stages"].items():
+                        acc = stages.setdefault(name, {"wall": 0.0, "cpu": 0.0, "count": 0})
+                        for field in acc:
+                            acc[field] += st[field]
+                entry["stages"] = stages
+            out[program][beam] = entry
+    return out
+
+
+def ratios(rounds: list[dict], ours_name: str) -> dict[str, dict[str, float]]:
+    """Our seconds over each peer's, per setting: the median of the per-round ratios."""
+    out: dict[str, dict[str, float]] = {}
+    for program in rounds[0]:
+        if program == ours_name:
+            continue
+        out[program] = {
+            beam: statistics.median(
+                r[ours_name][beam]["seconds"] / r[program][beam]["seconds"] for r in rounds
+            )
+            for beam in rounds[0][program]
+        }
+    return out
 
 
 def peer_worker(args: argparse.Namespace) -> None:
@@ -159,6 +211,9 @@ def main() -> None:
     p.add_argument("--executor", default="auto")
     p.add_argument("--beams", default="1,5")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternate ours and the peers this many times"
+    )
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--answer", help=argparse.SUPPRESS)
@@ -179,19 +234,31 @@ def main() -> None:
     beams = [int(b) for b in args.beams.split(",")]
     print(f"{len(items)} files, {seconds:.1f} s of audio", flush=True)
 
-    results = {
-        "wruntime " + args.model: ours(args.model, args.executor, audio, beams, args.repeats)
-    }
-    if not args.skip_peers:
-        arch = args.model.rsplit("-", 1)[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            npz = save_audio(audio, Path(tmp))
-            peer_args = ["--audio", str(npz), "--beams", args.beams, "--repeats", str(args.repeats)]
-            ct2 = _ct2_dir(arch)
-            if ct2:
-                peer_args += ["--ct2-dir", ct2]
-            peer_args += ["--checkpoint", str(ensure_openai_checkpoint(arch))]
-            results.update(run_peer(Path(__file__), peer_args))
+    from wruntime import Transcriber
+
+    ours_name = "wruntime " + args.model
+    transcriber = Transcriber(args.model, executor=args.executor)
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = save_audio(audio, Path(tmp))
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {r + 1} of {args.rounds}", flush=True)
+            result = {ours_name: ours(transcriber, audio, beams, args.repeats)}
+            if not args.skip_peers:
+                arch = args.model.rsplit("-", 1)[0]
+                peer_args = [
+                    *("--audio", str(npz), "--beams", args.beams),
+                    *("--repeats", str(args.repeats)),
+                ]
+                ct2 = _ct2_dir(arch)
+                if ct2:
+                    peer_args += ["--ct2-dir", ct2]
+                peer_args += ["--checkpoint", str(ensure_openai_checkpoint(arch))]
+                result.update(run_peer(Path(__file__), peer_args))
+            rounds.append(result)
+    results = combine(rounds)
+    relative = ratios(rounds, ours_name)
 
     print(f"\n{'program':<28} {'setting':<8} {'seconds':>8} {'RTF':>7} {'cpu s':>8}")
     for program, settings in results.items():
@@ -201,7 +268,11 @@ def main() -> None:
                 f"{program:<28} {name:<8} {r['seconds']:>8.2f} {r['seconds'] / seconds:>7.3f}"
                 f" {r.get('cpu_seconds', float('nan')):>8.2f}"
             )
-    for beam, r in results["wruntime " + args.model].items():
+    for program, by_beam in relative.items():
+        for beam, ratio in by_beam.items():
+            name = "greedy" if beam == "1" else f"beam {beam}"
+            print(f"wruntime / {program} ({name}): {ratio:.2f}x (median of per-round ratios)")
+    for beam, r in results[ours_name].items():
         stages = ", ".join(f"{k} {v['wall']:.2f}" for k, v in r["stages"].items() if k != "decode")
         print(f"wruntime stages (beam {beam}, all runs incl. warm-up): {stages}")
     out = write_results(
@@ -210,7 +281,9 @@ def main() -> None:
             "files": len(items),
             "audio_seconds": seconds,
             "repeats": args.repeats,
+            "rounds": args.rounds,
             "results": results,
+            "ratios": relative,
         },
     )
     print(f"wrote {out}")
