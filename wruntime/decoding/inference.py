@@ -124,7 +124,10 @@ class ExplicitCacheSession(_Session):
         n = self.n_ctx
         mask = np.full((count, n + count), MASK_NEG, np.float32)
         mask[:, : self.position] = 0.0
-        mask[:, n:][np.tril_indices(count)] = 0.0
+        if count == 1:  # a step: np.tril_indices alone costs more than the rest
+            mask[0, n] = 0.0
+        else:
+            mask[:, n:][np.tril_indices(count)] = 0.0
         return mask
 
     def forward(self, tokens: np.ndarray) -> np.ndarray:

@@ -22,9 +22,9 @@ import numpy as np
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """float32 log-softmax over the last axis (torch's formula: x - max - log sum exp)."""
     x = logits.astype(np.float32, copy=False)
-    top = x.max(axis=-1, keepdims=True)
-    shifted = x - top
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted = x - x.max(axis=-1, keepdims=True)
+    shifted -= np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return shifted
 
 
 def top_k(values: np.ndarray, k: int) -> np.ndarray:
