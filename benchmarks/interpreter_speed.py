@@ -5,6 +5,8 @@ Measures, in one run on the same machine state:
   * the explicit-cache decoder's per-token step (median over --steps greedy steps
     after a prompt prefill, predict only: the cache writes are the runtime's),
   * the same decoder's step for 5 rows at once (what beam search 5 runs; ours only),
+  * CPU time per step on both sides: on a busy machine, with both on one thread,
+    a comparison that time-sharing the cores hardly disturbs,
   * faster-whisper (CTranslate2 float32, 2 threads) on the same mel: its encoder,
     and its per-token cost as the slope of greedy generation time between two
     lengths (end-of-text suppressed so both lengths are reached).
@@ -54,19 +56,20 @@ for _ in range(runs):
 prompt = [50257, 50362]  # <|startoftranscript|> <|notimestamps|> (English-only vocabulary)
 
 def generate(n):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = model.model.generate(out, [prompt], beam_size=1, max_length=n, suppress_blank=False,
                                suppress_tokens=[50256], return_scores=False)
-    return time.perf_counter() - t, len(res[0].sequences_ids[0])
+    return time.perf_counter() - t, time.process_time() - c, len(res[0].sequences_ids[0])
 
 generate(n1)
-slopes = []
+slopes, cpu_slopes = [], []
 for _ in range(runs):
-    t1, l1 = generate(n1)
-    t2, l2 = generate(n2)
+    t1, c1, l1 = generate(n1)
+    t2, c2, l2 = generate(n2)
     slopes.append((t2 - t1) / max(l2 - l1, 1))
+    cpu_slopes.append((c2 - c1) / max(l2 - l1, 1))
 print(json.dumps({"encoder_s": statistics.median(enc), "token_s": statistics.median(slopes),
-                  "lengths": [l1, l2]}))
+                  "token_cpu_s": statistics.median(cpu_slopes), "lengths": [l1, l2]}))
 """
 
 
@@ -134,12 +137,13 @@ def bench_interpreter(mel: np.ndarray, runs: int, steps: int, fp16: bool) -> dic
 
     out = call(prompt, 0)
     k_cache[..., :2], v_cache[..., :2] = out["k_new"], out["v_new"]
-    pos, times = 2, []
+    pos, times, cpu = 2, [], []
     for _ in range(steps):
         token = np.array([[int(np.argmax(out["logits"][0, -1]))]], np.int32)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = call(token, pos)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         k_cache[..., pos : pos + 1], v_cache[..., pos : pos + 1] = out["k_new"], out["v_new"]
         pos += 1
     token_s = statistics.median(times[2:])
@@ -156,6 +160,7 @@ def bench_interpreter(mel: np.ndarray, runs: int, steps: int, fp16: bool) -> dic
         "load_s": load_s,
         "encoder_s": enc_s,
         "token_s": token_s,
+        "token_cpu_s": statistics.median(cpu[2:]),
         "beam5_s": statistics.median(beam[1:]),
         "load_avg": (load_before + os.getloadavg()[0]) / 2,
     }
@@ -206,7 +211,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"load average {load:.1f} on {os.cpu_count()} cores")
     print(f"interpreter tiny.en {tag}: load {ours['load_s']:.2f} s, encoder {ours['encoder_s']:.3f} s, "
-          f"decoder step {ours['token_s'] * 1e3:.1f} ms, 5-row (beam) step "
+          f"decoder step {ours['token_s'] * 1e3:.1f} ms (cpu {ours['token_cpu_s'] * 1e3:.1f} ms), 5-row (beam) step "
           f"{ours['beam5_s'] * 1e3:.1f} ms (load average {ours['load_avg']:.1f} during)")  # fmt: skip
     for label, r in peers.items():
         if r is None:
@@ -214,7 +219,7 @@ def main() -> None:
             continue
         print(
             f"faster-whisper float32 ({label}): encoder {r['encoder_s']:.3f} s, "
-            f"per token {r['token_s'] * 1e3:.1f} ms"
+            f"per token {r['token_s'] * 1e3:.1f} ms (cpu {r['token_cpu_s'] * 1e3:.1f} ms)"
         )
     done = [r for r in peers.values() if r]
     if done:
@@ -224,6 +229,15 @@ def main() -> None:
             f"ratios to faster-whisper's best: encoder {ours['encoder_s'] / enc_ref:.2f}x "
             f"(goal <= 1.5x), decoder step {ours['token_s'] / tok_ref:.2f}x (goal <= 2x)"
         )
+        one = [r for label, r in peers.items() if r and label.startswith("1 ")]
+        if one:
+            # CPU time per step hardly depends on how many other processes share the
+            # cores: with both sides on one thread it compares them on a busy machine.
+            cpu_ref = min(r["token_cpu_s"] for r in one)
+            print(
+                f"decoder step cpu time, ours / faster-whisper 1 thread: "
+                f"{ours['token_cpu_s'] / cpu_ref:.2f}x"
+            )
 
 
 if __name__ == "__main__":
