@@ -647,24 +647,38 @@ def _conv(a: Args) -> Kernel:
         wmat = np.ascontiguousarray(weight.reshape(groups, cout // groups, -1))
     bias_col = None if bias is None else np.asarray(bias, np.float32).reshape(cout, 1)
     pointwise = all(k == 1 for k in ksize) and all(s == 1 for s in strides)
+    # A pointwise conv pads nothing whatever the size, unless told to ("same" of a
+    # 1-wide kernel is no padding).
+    never_pads = pointwise and (pad_type != "custom" or not any(pad))
+    bias_row = None if bias_col is None else bias_col.reshape(cout)
     strides_prod = math.prod(strides)
     sp_axes = tuple(range(2, 2 + nsp))
 
+    def few_positions(x: Any, n: int, positions: int) -> Any:
+        """The decoder-step case, with as little numpy around the products as possible."""
+        out = np.empty((n, positions, cout), np.float32)
+        if positions == 1:  # (n, cin, 1...) is already (n, cin) in memory
+            vw.rows(x.reshape(n, cin_g), out.reshape(n, cout))
+            if bias_row is not None:
+                out += bias_row
+            return out.reshape(n, cout, *x.shape[2:])
+        xt = np.swapaxes(x.reshape(n, cin_g, positions), 1, 2).reshape(-1, cin_g)
+        vw.rows(xt, out.reshape(-1, cout))
+        if bias_row is not None:
+            out += bias_row
+        return np.ascontiguousarray(np.swapaxes(out, 1, 2)).reshape(n, cout, *x.shape[2:])
+
     def conv(x: Any) -> Any:
         n = x.shape[0]
+        if vw is not None and never_pads and x.size:
+            positions = x.size // (n * cin_g)
+            if n * positions <= FEW_POSITIONS:
+                return few_positions(x, n, positions)
         size = x.shape[2:]
         threads.for_product(x.size // max(x.shape[1], 1) * weight.size // max(strides_prod, 1))
         pads = _conv_pads(pad_type, pad, size, keff, strides)
         if pointwise and not any(p for pp in pads for p in pp):
             out_size = size
-            positions = math.prod(size)
-            if vw is not None and n * positions <= FEW_POSITIONS:
-                xt = np.swapaxes(x.reshape(n, cin_g, positions), 1, 2).reshape(-1, cin_g)
-                out = np.empty((n, positions, cout), np.float32)
-                vw.rows(xt, out.reshape(-1, cout))
-                if bias_col is not None:
-                    out += bias_col.reshape(cout)
-                return np.ascontiguousarray(np.swapaxes(out, 1, 2)).reshape(n, cout, *out_size)
             out = np.matmul(wmat, x.reshape(n, groups, cin_g, -1))
         else:
             if any(p for pp in pads for p in pp):
