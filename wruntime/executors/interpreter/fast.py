@@ -147,10 +147,11 @@ def _f32c(x: np.ndarray) -> np.ndarray:
 
 
 def _softmax_block(xb: np.ndarray, ob: np.ndarray, axis: int) -> None:
-    m = xb.max(axis=axis, keepdims=True)
+    # The ufuncs' own reduces: x.max() and x.sum() are these plus argument handling.
+    m = np.maximum.reduce(xb, axis=axis, keepdims=True)
     np.subtract(xb, m, out=ob)
     np.exp(ob, out=ob)
-    s = ob.sum(axis=axis, keepdims=True)
+    s = np.add.reduce(ob, axis=axis, keepdims=True)
     np.reciprocal(s, out=s)
     ob *= s
 

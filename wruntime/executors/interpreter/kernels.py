@@ -78,6 +78,11 @@ class Args:
             raise self.fail(f"needs a constant '{name}', which is computed at run time here")
         return value
 
+    def maybe_const(self, name: str) -> Any:
+        """The plan-time value of an input, or None if it is absent or computed at run time."""
+        v = self.op.inputs.get(name)
+        return None if v is None else self._known(v)
+
     def const_list(self, name: str, default: Any = _MISSING) -> Any:
         value = self.const(name, default)
         if value is None or value is default:
@@ -327,13 +332,21 @@ _REDUCE: dict[str, Callable[..., Any]] = {
 }
 
 
+#: Reductions whose numpy function is just this ufunc's reduce (np.sum, np.max and
+#: np.min add only argument handling, a few us a call on a decoder step's vectors).
+_REDUCE_UFUNC = {"reduce_sum": np.add, "reduce_max": np.maximum, "reduce_min": np.minimum}
+
+
 def _reduce(a: Args) -> Kernel:
     fn = _REDUCE[a.op.op_type]
+    ufunc = _REDUCE_UFUNC.get(a.op.op_type)
     axes = _reduce_axes(a)
     keep = bool(a.const("keep_dims", False))
 
     def reduce(x: Any) -> Any:
         axis = None if axes is None else tuple(i % x.ndim for i in axes)
+        if ufunc is not None and x.dtype.kind == "f":
+            return np.asarray(ufunc.reduce(x, axis=axis, keepdims=keep))
         return np.asarray(fn(x, axis=axis, keepdims=keep))
 
     return reduce, [a.var("x")]
@@ -726,7 +739,7 @@ def _sdpa(a: Args) -> Kernel:
 @kernel("reshape")
 def _reshape(a: Args) -> Kernel:
     def reshape(x: Any, shape: Any) -> Any:
-        shape = [int(s) for s in np.asarray(shape).reshape(-1)]
+        shape = np.asarray(shape).reshape(-1).tolist()
         if 0 in shape and len(shape) == x.ndim:
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return np.reshape(x, shape)
@@ -831,8 +844,23 @@ def _slice_masks(a: Args) -> tuple[Any, Any, Any, Any]:
 def _slice_by_index(a: Args) -> Kernel:
     stride, bmask, emask, smask = _slice_masks(a)
 
+    begin_c, end_c = a.maybe_const("begin"), a.maybe_const("end")
+    fixed = (
+        None
+        if begin_c is None or end_c is None
+        else _index(
+            np.asarray(begin_c).reshape(-1),
+            np.asarray(end_c).reshape(-1),
+            stride,
+            bmask,
+            emask,
+            smask,
+        )
+    )
+
     def slice_by_index(x: Any, begin: Any, end: Any) -> Any:
-        return np.asarray(x[_index(begin, end, stride, bmask, emask, smask)])
+        idx = fixed if fixed is not None else _index(begin, end, stride, bmask, emask, smask)
+        return np.asarray(x[idx])
 
     return slice_by_index, [a.var("x"), a.var("begin"), a.var("end")]
 
