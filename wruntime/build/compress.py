@@ -38,6 +38,7 @@ from wruntime.weights.canonical import WhisperWeights
 __all__ = [
     "DEFAULT_THRESHOLD",
     "CompressionStage",
+    "OptimalLut",
     "PackageWeight",
     "Segment",
     "compress_model",
@@ -392,15 +393,45 @@ def op_config(rule: CompressionRule) -> Any:
         if rule.granularity == "per_block":
             kwargs["block_size"] = rule.block_size or 32
         return OpLinearQuantizerConfig(**kwargs)
-    kwargs = {
-        "mode": rule.mode or "kmeans",
-        "nbits": rule.nbits,
-        "granularity": rule.granularity or "per_tensor",
-        "weight_threshold": threshold,
-    }
+    kwargs = {"granularity": rule.granularity or "per_tensor", "weight_threshold": threshold}
+    if (rule.mode or "kmeans") == "kmeans":
+        kwargs.update(mode="custom", lut_function=OptimalLut(rule.nbits or 8))
+    else:
+        kwargs.update(mode=rule.mode, nbits=rule.nbits)
     if rule.granularity == "per_grouped_channel":
         kwargs["group_size"] = rule.group_size or 32
     return OpPalettizerConfig(**kwargs)
+
+
+@dataclass(frozen=True)
+class OptimalLut:
+    """k-means palettization by the exact 1-D k-means (kmeans1d), as a coremltools lut_function.
+
+    coremltools' "kmeans" mode runs scikit-learn's KMeans (several random restarts)
+    on every table smaller than 10,000 values: per grouped channel that is one
+    restart loop per group of 16 rows, and tiny.en's palettized builds took minutes
+    (a table per vocabulary row, hours). In one dimension the optimal clustering
+    is found exactly by dynamic programming, in O(k n log n): the tables are never
+    worse than scikit-learn's local optimum, the result is deterministic (so the
+    functions of a multifunction package still share their weights), and a whole
+    model takes seconds. The package is the same constexpr_lut_to_dense either way.
+    """
+
+    nbits: int
+
+    def __call__(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import kmeans1d
+
+        values = np.asarray(weight).ravel()
+        k = 1 << self.nbits
+        unique = np.unique(values)
+        if unique.size <= k:  # nothing to cluster: the values are their own table
+            lut = np.zeros(k, dtype=values.dtype)
+            lut[: unique.size] = unique
+            return lut, np.searchsorted(unique, values).astype(np.uint8)
+        clusters, centroids = kmeans1d.cluster(values.astype(np.float64), k)
+        lut = np.asarray(centroids, dtype=values.dtype)
+        return lut, np.asarray(clusters, dtype=np.uint8)
 
 
 def plan_package(
@@ -523,11 +554,13 @@ def compression_stages(
     weights: WhisperWeights | None,
     choices: Mapping[str, CompressionRule] | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[CompressionStage]:
     """The package stages of a precision (none for fp32/fp16).
 
     A precision with a ``sensitivity`` search (mixed, auto) needs its per-layer
-    ``choices``: `wruntime.build.sensitivity.choose_precision` makes them.
+    ``choices``: `wruntime.build.sensitivity.choices_for_precision` makes them
+    (``progress`` follows its measuring pass, minutes on a first build).
     """
     if not precision.is_compressed:
         return []
@@ -536,7 +569,7 @@ def compression_stages(
 
         if weights is None:
             raise WruntimeError(f"The {precision.name} precision needs the weights to search.")
-        choices = choices_for_precision(precision, weights, log=log)
+        choices = choices_for_precision(precision, weights, log=log, progress=progress)
     return [CompressionStage(precision, weights, choices, log)]
 
 
@@ -576,9 +609,13 @@ def simulate(value: np.ndarray, rule: CompressionRule) -> np.ndarray:
             raise ValueError(f"cannot quantize a {value.shape} weight with {rule_label(rule)}")
         return np.asarray(linear_quantize_weights.decompress(params), dtype=dtype)
     group = value.shape[0] if rule.granularity != "per_grouped_channel" else rule.group_size or 32
-    params = palettize_weights.grouped_channelwise_compress(
-        value, (rule.mode or "kmeans").upper(), rule.nbits, 0, group
-    )
+    mode = (rule.mode or "kmeans").upper()
+    if mode == "KMEANS":  # as op_config does it
+        params = palettize_weights.grouped_channelwise_compress(
+            value, "CUSTOM", None, 0, group, lut_function=OptimalLut(rule.nbits or 8)
+        )
+    else:
+        params = palettize_weights.grouped_channelwise_compress(value, mode, rule.nbits, 0, group)
     if params is None:
         raise ValueError(f"cannot palettize a {value.shape} weight with {rule_label(rule)}")
     return np.asarray(palettize_weights.decompress(params), dtype=dtype)
