@@ -91,13 +91,17 @@ def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(ti
     from wruntime.build.sensitivity import measure_sensitivity
 
     layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12966]"]
+    ticks = []
     table = measure_sensitivity(
         "tiny.en",
         [INT4, INT8, NONE],
         weights=tiny_weights,
         clips=[CLIPS["experience"][0]],
         layers=layers,
+        progress=lambda *tick: ticks.append(tick),
     )
+    # The progress callback counts the measured weights, in order, and ends at the total.
+    assert ticks == [(0, 2, layers[0]), (1, 2, layers[1]), (2, 2, "")]
     rows = {row.layer: row for row in table.layers}
     key, emb = rows[layers[0]], rows[layers[1]]
     for row in (key, emb):

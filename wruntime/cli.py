@@ -525,14 +525,38 @@ def sensitivity_cmd(
         find_architecture(architecture)  # unknown names fail here, listing the valid ones
         spec = precisions()["auto"]
         search = spec.sensitivity or {}
-        table = measure_sensitivity(
-            architecture,
-            search.get("candidates", []),
-            fixed=spec.compression,
-            clips=clip or None,
-            layers=layer or None,
-            log=lambda line: err.print(line, markup=False),
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
         )
+
+        with Progress(
+            TextColumn("[bold]Measuring[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("", total=None)
+
+            def advance(done: int, todo: int, name: str) -> None:
+                bar.update(task, completed=done, total=todo, description=name)
+
+            table = measure_sensitivity(
+                architecture,
+                search.get("candidates", []),
+                fixed=spec.compression,
+                clips=clip or None,
+                layers=layer or None,
+                log=lambda line: bar.console.print(line, markup=False),
+                progress=advance,
+            )
         budget = (
             Budget(max_mb=max_mb, max_fraction=max_fraction, max_error=max_kl)
             if given

@@ -100,14 +100,17 @@ def plan_for(name_or_spec: Any) -> tuple[BuildPlan, Any]:
 
 
 def compression_stages(
-    plan: BuildPlan, spec: Any, weights: WhisperWeights | None = None
+    plan: BuildPlan,
+    spec: Any,
+    weights: WhisperWeights | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[PackageStage]:
     """The package stages a precision's recipe needs (none for fp32 / fp16)."""
     if not plan.compressed:
         return []
     from wruntime.build.compress import compression_stages as recipe_stages
 
-    return list(recipe_stages(spec.precision, weights))
+    return list(recipe_stages(spec.precision, weights, progress=progress))
 
 
 def _resolve_weights(plan: BuildPlan, spec: Any, weights: Any) -> WhisperWeights:
@@ -166,7 +169,14 @@ def build_model(
 
     report(_STAGES[0], 1, total)
     w = _resolve_weights(plan, spec, weights)
-    package_stages = list(stages) if stages is not None else compression_stages(plan, spec, w)
+
+    def measuring(done: int, todo: int, layer: str) -> None:
+        # A first auto build measures every layer's sensitivity (minutes): say where it is.
+        report(f"Measuring layer sensitivity {done}/{todo} {layer}".rstrip(), 1, total)
+
+    package_stages = (
+        list(stages) if stages is not None else compression_stages(plan, spec, w, measuring)
+    )
     target = plan.deployment_target
     stateful_target = _stateful_target(target)
     batches = tuple(io.STATEFUL_BATCHES) if stateful else ()

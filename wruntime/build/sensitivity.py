@@ -61,6 +61,9 @@ __all__ = [
     "sensitivity_report",
 ]
 
+#: progress(weights measured so far, weights to measure, the one about to be measured).
+SensitivityProgress = Callable[[int, int, str], None]
+
 #: How many times a decoder weight is stored in a model directory (decoder.mlpackage
 #: and decoder_stateful.mlpackage; the stateful functions share theirs).
 DECODER_COPIES = 2
@@ -306,12 +309,15 @@ def measure_sensitivity(
     layers: Sequence[str] | None = None,
     cache: bool = True,
     log: Callable[[str], None] | None = None,
+    progress: SensitivityProgress | None = None,
 ) -> SensitivityTable:
     """The sensitivity table of an architecture's compressible weights (cached on disk).
 
     ``candidates`` are rule dicts without a target (models/precisions.json's form);
     weights a ``fixed`` rule matches are taken out of the search. ``layers`` limits
     the measurement to some layer keys (for tests); the others get no error.
+    ``progress(done, total, layer)`` is called before each weight is measured and
+    once at the end: the pass takes minutes, a bar beats silence.
     """
     from wruntime.catalog import load_architecture_weights
 
@@ -331,54 +337,66 @@ def measure_sensitivity(
 
     table_layers: list[LayerSensitivity] = []
     variable = 0.0
-    for package, file, copies in (
-        ("encoder", "encoder.mlpackage", 1),
-        ("decoder", "decoder.mlpackage", DECODER_COPIES),
-    ):
-        for pw, value in _package_values(fp16_dir / file, w):
-            fixed_rule = first_match(fixed, pw)
-            row = LayerSensitivity(
-                pw.layer,
-                package,
-                pw.size,
-                copies,
-                rule_label(effective_rule(fixed_rule, pw)) if fixed_rule else None,
-            )
-            table_layers.append(row)
-            if fixed_rule is not None or not pw.segments:
+    found = [
+        (package, copies, pw, value)
+        for package, file, copies in (
+            ("encoder", "encoder.mlpackage", 1),
+            ("decoder", "decoder.mlpackage", DECODER_COPIES),
+        )
+        for pw, value in _package_values(fp16_dir / file, w)
+    ]
+    todo = [
+        pw.layer
+        for _, _, pw, _ in found
+        if first_match(fixed, pw) is None and pw.segments and (layers is None or pw.layer in layers)
+    ]
+    tick = progress or (lambda *_: None)
+    for package, copies, pw, value in found:
+        fixed_rule = first_match(fixed, pw)
+        row = LayerSensitivity(
+            pw.layer,
+            package,
+            pw.size,
+            copies,
+            rule_label(effective_rule(fixed_rule, pw)) if fixed_rule else None,
+        )
+        table_layers.append(row)
+        if fixed_rule is not None or not pw.segments:
+            continue
+        variable += pw.size * 2 * copies
+        if layers is not None and pw.layer not in layers:
+            continue
+        tick(len([r for r in table_layers if r.measured]), len(todo), pw.layer)
+        base = value.astype(np.float32)
+        power = float(np.sum(base**2)) or 1.0
+        for rule, label in zip(rules, labels, strict=True):
+            eff = effective_rule(rule, pw)
+            row.bits[label] = rule_bits(eff, pw)
+            q = value if eff.kind == "none" else simulate(value, eff)
+            row.noise[label] = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
+        to_measure = [labels[i] for i, r in enumerate(rules) if r.kind != "none"]
+        if not exhaustive:
+            to_measure = [max(to_measure, key=lambda lab: row.noise[lab])]
+        t0 = time.perf_counter()
+        for label in to_measure:
+            eff = effective_rule(rules[labels.index(label)], pw)
+            params = dict(probe.base.params)
+            _write_back(params, pw, simulate(value, eff))
+            perturbed = dataclasses.replace(probe.base, params=params)
+            row.error[label] = probe.kl(perturbed, encoder_changed=package == "encoder")
+            row.measured.append(label)
+        for label in labels:
+            if label in row.error:
                 continue
-            variable += pw.size * 2 * copies
-            if layers is not None and pw.layer not in layers:
-                continue
-            base = value.astype(np.float32)
-            power = float(np.sum(base**2)) or 1.0
-            for rule, label in zip(rules, labels, strict=True):
-                eff = effective_rule(rule, pw)
-                row.bits[label] = rule_bits(eff, pw)
-                q = value if eff.kind == "none" else simulate(value, eff)
-                row.noise[label] = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
-            to_measure = [labels[i] for i, r in enumerate(rules) if r.kind != "none"]
-            if not exhaustive:
-                to_measure = [max(to_measure, key=lambda lab: row.noise[lab])]
-            t0 = time.perf_counter()
-            for label in to_measure:
-                eff = effective_rule(rules[labels.index(label)], pw)
-                params = dict(probe.base.params)
-                _write_back(params, pw, simulate(value, eff))
-                perturbed = dataclasses.replace(probe.base, params=params)
-                row.error[label] = probe.kl(perturbed, encoder_changed=package == "encoder")
-                row.measured.append(label)
-            for label in labels:
-                if label in row.error:
-                    continue
-                ref = row.measured[0]
-                scale = row.error[ref] / row.noise[ref] if row.noise[ref] > 0 else 0.0
-                row.error[label] = scale * row.noise[label]
-            say(
-                f"{pw.layer}: "
-                + ", ".join(f"{k} {v:.2e}" for k, v in row.error.items())
-                + f" ({time.perf_counter() - t0:.1f} s)"
-            )
+            ref = row.measured[0]
+            scale = row.error[ref] / row.noise[ref] if row.noise[ref] > 0 else 0.0
+            row.error[label] = scale * row.noise[label]
+        say(
+            f"{pw.layer}: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in row.error.items())
+            + f" ({time.perf_counter() - t0:.1f} s)"
+        )
+    tick(len(todo), len(todo), "")
     table = SensitivityTable(
         architecture=arch,
         clips=[str(c) for c in clips],
@@ -472,6 +490,7 @@ def choices_for_precision(
     arch: str | None = None,
     budget: Budget | None = None,
     log: Callable[[str], None] | None = None,
+    progress: SensitivityProgress | None = None,
 ) -> dict[str, CompressionRule]:
     """Per-layer rules for a precision with a ``sensitivity`` search (the builder's hook)."""
     from wruntime.catalog import architectures
@@ -487,6 +506,7 @@ def choices_for_precision(
         fixed=precision.compression,
         weights=weights,
         log=log,
+        progress=progress,
     )
     choice = choose(table, budget or Budget.from_spec(spec.get("budget", {})))
     if log:
