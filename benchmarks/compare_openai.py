@@ -11,7 +11,8 @@ both sides: temperature 0 without fallback (sampling would draw different
 random numbers), greedy or beam search. Reported per setting: the fraction of
 files with identical transcripts, and each side's WER after openai-whisper's
 EnglishTextNormalizer on reference and hypothesis alike. Results go to
-benchmarks/results/compare_openai_<model>_<subset>[_<limit>].json.
+benchmarks/results/compare_openai_<model>_<subset>[_<limit>][_beams<B>].json (the beams part
+only when --beams is not the default 1,5).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main() -> None:
     out = write_results(
         f"compare_openai_{args.model}_{args.subset or 'all'}"
         + (f"_{args.limit}" if args.limit else "")
+        + ("" if args.beams == "1,5" else f"_beams{args.beams.replace(',', '-')}")
         + ".json",
         {
             "model": args.model,
