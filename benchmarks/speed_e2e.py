@@ -8,7 +8,7 @@ Every program gets the same float32 samples (decoded once by wruntime), one
 warm-up transcription, then each file `--repeats` times; the per-file median
 is kept and summed. Reported per program and setting: seconds for all files,
 the realtime factor (processing / audio time) and, for wruntime, where the time
-went by stage. faster-whisper runs float32 on 2 threads from the CTranslate2
+went by stage. faster-whisper runs float32 on 2 threads (`--threads`) from the CTranslate2
 directory of the same weights; openai-whisper fp32 on the checkpoint of them.
 Temperature 0 without fallback everywhere, so all do the same work.
 
@@ -17,6 +17,8 @@ busy minute loses against one timed in a quiet one. `--rounds N` runs the
 whole comparison N times in turn (ours, then the peers, then ours again...),
 keeps each file's median over the rounds, and reports each ratio as the median
 of the per-round ratios, so the programs compared were timed close together.
+`--threads 1` runs every program on one thread, which a busy machine disturbs
+least (two-thread peers lose badly there, while ours falls back to one thread).
 Results go to benchmarks/results/speed_e2e_<model>.json.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -144,14 +147,16 @@ def peer_worker(args: argparse.Namespace) -> None:
     """In the reference venv: time faster-whisper (float32) and openai-whisper (fp32)."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     audio = load_audio_npz(Path(args.audio))
     beams = [int(b) for b in args.beams.split(",")]
     out: dict[str, dict] = {}
     if args.ct2_dir:
         from faster_whisper import WhisperModel
 
-        fw = WhisperModel(args.ct2_dir, device="cpu", compute_type="float32", cpu_threads=2)
+        fw = WhisperModel(
+            args.ct2_dir, device="cpu", compute_type="float32", cpu_threads=args.threads
+        )
         out["faster-whisper float32"] = {}
         for beam in beams:
 
@@ -214,6 +219,12 @@ def main() -> None:
     p.add_argument(
         "--rounds", type=int, default=1, help="alternate ours and the peers this many times"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="the peers' threads; other than 2 also fixes ours (WRUNTIME_THREADS)",
+    )
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--answer", help=argparse.SUPPRESS)
@@ -234,6 +245,9 @@ def main() -> None:
     beams = [int(b) for b in args.beams.split(",")]
     print(f"{len(items)} files, {seconds:.1f} s of audio", flush=True)
 
+    if args.threads != 2:
+        # Ours otherwise picks its thread count from the load average.
+        os.environ["WRUNTIME_THREADS"] = str(args.threads)
     from wruntime import Transcriber
 
     ours_name = "wruntime " + args.model
@@ -249,7 +263,7 @@ def main() -> None:
                 arch = args.model.rsplit("-", 1)[0]
                 peer_args = [
                     *("--audio", str(npz), "--beams", args.beams),
-                    *("--repeats", str(args.repeats)),
+                    *("--repeats", str(args.repeats), "--threads", str(args.threads)),
                 ]
                 ct2 = _ct2_dir(arch)
                 if ct2:
@@ -282,6 +296,7 @@ def main() -> None:
             "audio_seconds": seconds,
             "repeats": args.repeats,
             "rounds": args.rounds,
+            "threads": args.threads,
             "results": results,
             "ratios": relative,
         },
