@@ -284,3 +284,11 @@ def test_kmeans_tables_are_optimal_deterministic_and_fast(tiny_weights):
 
     lut, idx = OptimalLut(2)(np.array([1.0, 1.0, 2.0], np.float16))  # fewer values than entries
     assert lut.shape == (4,) and np.array_equal(lut[idx], [1.0, 1.0, 2.0])
+
+    # Solved tables are remembered (a build meets each decoder weight once per function),
+    # and what a caller gets back is its own copy.
+    first = OptimalLut(4)(rows[0])
+    first[1][:] = 0
+    again = OptimalLut(4)(rows[0])
+    solved = OptimalLut(4)._solve(np.ascontiguousarray(rows[0]).ravel())
+    assert np.array_equal(again[0], solved[0]) and np.array_equal(again[1], solved[1])

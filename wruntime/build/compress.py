@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -403,6 +404,12 @@ def op_config(rule: CompressionRule) -> Any:
     return OpPalettizerConfig(**kwargs)
 
 
+#: Tables already solved in this process (see OptimalLut), up to this many indices in all.
+_LUT_MEMO: dict[tuple[int, str, bytes], tuple[np.ndarray, np.ndarray]] = {}
+_LUT_MEMO_VALUES = 200_000_000
+_LUT_MEMO_HELD = [0]
+
+
 @dataclass(frozen=True)
 class OptimalLut:
     """k-means palettization by the exact 1-D k-means (kmeans1d), as a coremltools lut_function.
@@ -420,9 +427,23 @@ class OptimalLut:
     nbits: int
 
     def __call__(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = np.ascontiguousarray(weight).ravel()
+        # A build compresses each decoder weight once per function (explicit decoder,
+        # then each stateful batch): the same values, so the same table, found again.
+        key = (self.nbits, values.dtype.str, hashlib.blake2b(values.view(np.uint8)).digest())
+        found = _LUT_MEMO.get(key)
+        if found is None:
+            found = self._solve(values)
+            if _LUT_MEMO_HELD[0] + values.size > _LUT_MEMO_VALUES:
+                _LUT_MEMO.clear()
+                _LUT_MEMO_HELD[0] = 0
+            _LUT_MEMO[key] = found
+            _LUT_MEMO_HELD[0] += values.size
+        return found[0].copy(), found[1].copy()
+
+    def _solve(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import kmeans1d
 
-        values = np.asarray(weight).ravel()
         k = 1 << self.nbits
         unique = np.unique(values)
         if unique.size <= k:  # nothing to cluster: the values are their own table
