@@ -424,6 +424,7 @@ class OptimalLut:
     worse than scikit-learn's local optimum, the result is deterministic (so the
     functions of a multifunction package still share their weights), and a whole
     model takes seconds. The package is the same constexpr_lut_to_dense either way.
+    A table too large for kmeans1d's k x n memory goes to `_weighted_kmeans`.
     """
 
     nbits: int
