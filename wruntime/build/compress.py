@@ -426,8 +426,9 @@ class OptimalLut:
     is found exactly by dynamic programming, in O(k n log n): the tables are never
     worse than scikit-learn's local optimum, the result is deterministic (so the
     functions of a multifunction package still share their weights), and a group
-    takes milliseconds (a table per row of tiny.en's embedding: about a minute). The package is the same constexpr_lut_to_dense either way.
-    A table over more than `_EXACT_VALUES` values goes to `_weighted_kmeans`.
+    takes milliseconds (a table per row of tiny.en's embedding: about a minute).
+    A table over more than `_EXACT_VALUES` values goes to `_weighted_kmeans`. The
+    package is the same constexpr_lut_to_dense either way.
     """
 
     nbits: int
