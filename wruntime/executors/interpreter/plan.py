@@ -125,13 +125,28 @@ def _as_runtime(value: Any) -> Any:
     return arr
 
 
-def _materialize(op: Any, function: str) -> list[Any]:
-    """The values of a const or constexpr_* op, decompressed once."""
+def _materialize(op: Any, function: str, chained: dict[int, Any] | None = None) -> list[Any]:
+    """The values of a const or constexpr_* op, decompressed once, in their stored dtypes.
+
+    `chained` holds the already-materialised outputs of earlier constexpr ops. An
+    input that is one of them (joint compression: a palette whose entries are the
+    int8 output of a `constexpr_blockwise_shift_scale`) has no value of its own in
+    the program, and coremltools' `materialized_val_inference` of most ops reads
+    only values; it is given the earlier result for the duration of the call.
+    """
+    substituted = []
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             if op.op_type == "const":
                 values = [op.outputs[0].val]
             else:
+                for var in op.inputs.values():
+                    value = (chained or {}).get(id(var))
+                    if value is not None and getattr(var, "val", None) is None:
+                        held = var.sym_type()
+                        held.val = value
+                        substituted.append((var, var._sym_val))
+                        var._sym_val = held
                 values = op.materialized_val_inference()
                 values = list(values) if isinstance(values, tuple) else [values]
     except Exception as exc:
@@ -139,11 +154,19 @@ def _materialize(op: Any, function: str) -> list[Any]:
             f"op '{op.op_type}' (named '{op.name}', in function {function}) could not be "
             f"materialised by the interpreter: {exc}"
         ) from exc
+    finally:
+        for var, sym_val in substituted:
+            var._sym_val = sym_val
     if len(values) != len(op.outputs) or any(v is None for v in values):
         raise ExecutorError(
             f"op '{op.op_type}' (named '{op.name}', in function {function}) has no constant value."
         )
-    return [_as_runtime(v) for v in values]
+    return values
+
+
+def _feeds_constexpr(var: Any) -> bool:
+    """Whether a later constexpr op decompresses from this var (a chained constexpr)."""
+    return any(child.op_type.startswith("constexpr_") for child in var.child_ops)
 
 
 def check_supported(function: Any, name: str) -> None:
@@ -433,6 +456,7 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
     check_supported(function, name)
 
     known: dict[int, Any] = {}  # id(var) -> plan-time value
+    chained: dict[int, Any] = {}  # id(var) -> stored-dtype value of a constexpr feeding another
     slots: dict[int, int] = {}
     n_slots = 0
 
@@ -465,7 +489,10 @@ def compile_function(program: Any, name: str, fp16_emulation: bool = False) -> P
         kind = op.op_type
         op_counts[kind] = op_counts.get(kind, 0) + 1
         if kind == "const" or kind.startswith("constexpr_"):
-            for var, value in zip(op.outputs, _materialize(op, name), strict=True):
+            for var, value in zip(op.outputs, _materialize(op, name, chained), strict=True):
+                if kind != "const" and _feeds_constexpr(var):
+                    chained[id(var)] = value
+                value = _as_runtime(value)
                 if fp16_emulation and is_float(value):
                     value = round_fp16(value)
                 known[id(var)] = value
