@@ -25,7 +25,7 @@ ARCHITECTURES = [
     "large-v3",
     "large-v3-turbo",
 ]
-PRECISIONS = ["fp32", "fp16", "int8", "int4", "pal8", "pal6", "pal4", "mixed", "auto"]
+PRECISIONS = ["fp32", "fp16", "int8", "int4", "pal8", "pal6", "pal4", "pal4-lut8", "mixed", "auto"]
 
 
 def test_every_name_parses_back_to_its_parts():

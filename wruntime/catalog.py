@@ -80,7 +80,8 @@ class CompressionRule:
     "op_name" (ops whose name matches the glob ``pattern``). The remaining
     fields are the arguments of coremltools.optimize.coreml's
     OpLinearQuantizerConfig / OpPalettizerConfig; ``kind == "none"`` keeps the
-    weight in the compute precision.
+    weight in the compute precision. ``lut_dtype`` "int8" (palettize only) stores the
+    tables' entries as int8 with one scale (coremltools' joint compression, iOS18).
     """
 
     target: str
@@ -93,6 +94,7 @@ class CompressionRule:
     block_size: int | None = None
     group_size: int | None = None
     weight_threshold: int | None = None
+    lut_dtype: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> CompressionRule:
@@ -108,6 +110,8 @@ class CompressionRule:
             raise ValueError(f"{where}: linear_quantize needs dtype int8/int4")
         if rule.kind == "palettize" and rule.nbits not in (1, 2, 3, 4, 6, 8):
             raise ValueError(f"{where}: palettize needs nbits in 1,2,3,4,6,8")
+        if rule.lut_dtype is not None and (rule.kind != "palettize" or rule.lut_dtype != "int8"):
+            raise ValueError(f"{where}: lut_dtype can only be int8, on a palettize rule")
         return rule
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,12 +219,15 @@ def precisions() -> dict[str, PrecisionSpec]:
             raise ValueError(f"{where}: unknown deployment target")
         if p["compute_precision"] not in ("float32", "float16"):
             raise ValueError(f"{where}: unknown compute precision")
+        rules = tuple(CompressionRule.from_dict(r, where) for r in p["compression"])
+        if any(r.lut_dtype for r in rules) and p["minimum_deployment_target"] != "iOS18":
+            raise ValueError(f"{where}: int8 lookup tables (joint compression) need iOS18")
         out[name] = PrecisionSpec(
             name=name,
             description=p.get("description", ""),
             compute_precision=p["compute_precision"],
             minimum_deployment_target=p["minimum_deployment_target"],
-            compression=tuple(CompressionRule.from_dict(r, where) for r in p["compression"]),
+            compression=rules,
             sensitivity=p.get("sensitivity"),
         )
     return out
