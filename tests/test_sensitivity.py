@@ -104,8 +104,10 @@ def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(ti
     assert ticks == [(0, 2, layers[0]), (1, 2, layers[1]), (2, 2, "")]
     rows = {row.layer: row for row in table.layers}
     key, emb = rows[layers[0]], rows[layers[1]]
+    # The encoder weight: its most aggressive candidate measured, the other scaled by noise.
+    # A vocabulary chunk holds >5% of the bytes: every candidate measured.
+    assert key.measured == ["int4/32"] and emb.measured == ["int4/32", "int8"]
     for row in (key, emb):
-        assert row.measured == ["int4/32"]  # the most aggressive candidate, measured
         assert row.error["int4/32"] > row.error["int8"] > 0 == row.error["fp16"]
         assert row.noise["int4/32"] > 10 * row.noise["int8"]
         assert row.bits["int4/32"] == pytest.approx(4.5)
@@ -185,3 +187,25 @@ def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
     assert partial.exit_code == 1 and "--build needs the whole table" in partial.stderr
     unknown = runner.invoke(app, ["sensitivity", "tiny.xx"])
     assert unknown.exit_code == 1 and len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_unmeasured_candidates_scale_from_the_measured_one_nearest_in_noise():
+    from wruntime.build.sensitivity import _scale_unmeasured
+
+    row = LayerSensitivity(
+        layer="x",
+        package="decoder",
+        size=10,
+        copies=1,
+        fixed=None,
+        bits={"pal3": 3.0, "pal4": 4.0, "pal6": 6.0, "int8": 8.0, "fp16": 16.0},
+        noise={"pal3": 0.07, "pal4": 0.017, "pal6": 1.3e-3, "int8": 7e-4, "fp16": 0.0},
+        # Large errors compound: KL per unit of noise is 5x higher at 3 bits than at 4.
+        error={"pal3": 0.33, "pal4": 0.016},
+        measured=["pal3", "pal4"],
+    )
+    _scale_unmeasured(row)
+    assert row.error["pal3"] == 0.33 and row.error["pal4"] == 0.016  # measured: kept
+    assert row.error["pal6"] == pytest.approx(0.016 / 0.017 * 1.3e-3)  # from pal4, not pal3
+    assert row.error["int8"] == pytest.approx(0.016 / 0.017 * 7e-4)
+    assert row.error["fp16"] == 0.0
