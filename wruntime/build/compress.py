@@ -46,6 +46,7 @@ __all__ = [
     "compression_stages",
     "effective_rule",
     "identify_weights",
+    "lut_config",
     "model_program",
     "op_config",
     "plan_package",
@@ -357,11 +358,13 @@ def rule_bits(rule: CompressionRule, weight: PackageWeight, fp_bits: int = 16) -
         return bits + scales * 16 / n
     nbits = rule.nbits or 8
     tables = rows / (rule.group_size or 32) if rule.granularity == "per_grouped_channel" else 1
+    if rule.lut_dtype == "int8":  # int8 entries and one fp16 scale for all the tables
+        return nbits + (tables * (2**nbits) * 8 + 16) / n
     return nbits + tables * (2**nbits) * 16 / n
 
 
 def rule_label(rule: CompressionRule | None) -> str:
-    """A short name for a rule: int8, int4/32, pal4/g16, pal6, fp16."""
+    """A short name for a rule: int8, int4/32, pal4/g16, pal4/g16+lut8, pal6, fp16."""
     if rule is None or rule.kind == "none":
         return "fp16"
     if rule.kind == "linear_quantize":
@@ -374,6 +377,8 @@ def rule_label(rule: CompressionRule | None) -> str:
     label = f"pal{rule.nbits}"
     if rule.granularity == "per_grouped_channel":
         label += f"/g{rule.group_size or 32}"
+    if rule.lut_dtype == "int8":
+        label += "+lut8"
     return label
 
 
@@ -402,6 +407,22 @@ def op_config(rule: CompressionRule) -> Any:
     if rule.granularity == "per_grouped_channel":
         kwargs["group_size"] = rule.group_size or 32
     return OpPalettizerConfig(**kwargs)
+
+
+def lut_config() -> Any:
+    """The coremltools config that stores a palettized weight's tables as int8.
+
+    Joint compression quantizes the ``lut`` input of a ``constexpr_lut_to_dense``:
+    the tables become a ``constexpr_blockwise_shift_scale`` of int8 entries. coremltools
+    accepts only per-tensor granularity there (one scale for all of a weight's tables,
+    which are not laid out along the weight's channel axes), and only from iOS18. The
+    palettization rule already applied the weight threshold.
+    """
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+    return OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_tensor", weight_threshold=0
+    )
 
 
 #: Tables already solved in this process (see OptimalLut), up to this many indices in all.
@@ -517,6 +538,11 @@ def compress_model(
     serialised without rerunning the default pass pipeline, whose batch-norm fusion
     rejects the builder's fp16 programs (see `convert.pass_pipeline`) and which
     would only redo the conversion's work.
+
+    Palettize rules with ``lut_dtype`` "int8" then get their tables quantized by a
+    third pass, coremltools' quantization with ``joint_compression``, configured by
+    the name palettization gives the ``constexpr_lut_to_dense`` (``<const>_palettized``)
+    and nothing else, so weights quantized by the second pass are left alone.
     """
     import coremltools as ct
     from coremltools.converters.mil.converter import mil_convert
@@ -524,6 +550,7 @@ def compress_model(
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.models.utils import _apply_graph_pass
     from coremltools.optimize.coreml import OptimizationConfig
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
 
     from wruntime.build.convert import quiet
 
@@ -544,6 +571,21 @@ def compress_model(
             ]
         )
         passes.append((kind, len(configs), graph_pass))
+    joint = {
+        f"{c}_palettized": lut_config()
+        for c, r in assignments.items()
+        if r.kind == "palettize" and r.lut_dtype == "int8"
+    }
+    if joint:
+        # A pass object of its own: the registry's instance above keeps its options.
+        lut_pass = linear_quantize_weights()
+        lut_pass.set_options(
+            [
+                PassOption("config", OptimizationConfig(op_name_configs=joint)),
+                PassOption("joint_compression", True),
+            ]
+        )
+        passes.append(("int8 table", len(joint), lut_pass))
     if not passes:
         return model
     started = time.perf_counter()
@@ -669,4 +711,13 @@ def simulate(value: np.ndarray, rule: CompressionRule) -> np.ndarray:
         params = palettize_weights.grouped_channelwise_compress(value, mode, rule.nbits, 0, group)
     if params is None:
         raise ValueError(f"cannot palettize a {value.shape} weight with {rule_label(rule)}")
+    if rule.lut_dtype == "int8":  # the tables quantized as the joint-compression pass does
+        lut = params.lut
+        quantized = linear_quantize_weights.blockwise_compress(
+            lut, nbits=8, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=[0] * lut.ndim
+        )
+        if quantized is None:
+            raise ValueError(f"cannot quantize the tables of a {value.shape} weight to int8")
+        lut = np.asarray(linear_quantize_weights.decompress(quantized), dtype=lut.dtype)
+        params = params._replace(lut=lut)
     return np.asarray(palettize_weights.decompress(params), dtype=dtype)
