@@ -13,9 +13,10 @@ Measuring every candidate of every layer would cost one forward pass each; by
 default each layer is measured once, with its most aggressive candidate, and
 the other candidates' errors are scaled by their relative weight noise
 (||W - Wq||^2 / ||W||^2): for small perturbations the KL is quadratic in the
-perturbation, so linear in that noise. That scaling is not safe far from the
-measured point: on tiny.en's first vocabulary chunk, 3-bit tables measure a KL
-4.6x their noise, 4-bit ones 0.9x, because large errors compound. So the few
+perturbation, so linear in that noise. That scaling is not safe across
+candidates: on tiny.en's first vocabulary chunk the KL per unit of noise ranges
+from 0.6 (int8) and 0.9 (int4 per block) to 1.7 (a 4-bit table per row) and 5.2
+(one 4-bit table for the chunk), since which rows an error lands on matters. So the few
 weights that hold most of the bytes (each at least `FULL_SHARE` of the searched
 bytes: the vocabulary chunks) have every candidate measured, where a mis-scaled
 error would move the whole choice; an unmeasured candidate is scaled from the
