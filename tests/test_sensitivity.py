@@ -209,3 +209,26 @@ def test_unmeasured_candidates_scale_from_the_measured_one_nearest_in_noise():
     assert row.error["pal6"] == pytest.approx(0.016 / 0.017 * 1.3e-3)  # from pal4, not pal3
     assert row.error["int8"] == pytest.approx(0.016 / 0.017 * 7e-4)
     assert row.error["fp16"] == 0.0
+
+
+def test_a_cached_row_restricted_to_some_candidates_rescales_from_what_remains():
+    """The cache holds every candidate ever measured; a search sees only its own."""
+    from wruntime.build.sensitivity import _restrict
+
+    row = LayerSensitivity(
+        layer="x",
+        package="encoder",
+        size=10,
+        copies=1,
+        fixed=None,
+        bits={"pal3": 3.0, "int4": 4.5, "int8": 8.0, "fp16": 16.0},
+        noise={"pal3": 0.05, "int4": 0.02, "int8": 1e-4, "fp16": 0.0},
+        error={"pal3": 0.2, "int4": 0.01, "int8": 1e-4 * 0.5, "fp16": 0.0},
+        measured=["pal3", "int4"],
+    )
+    both = _restrict(row, ["pal3", "int4", "int8", "fp16"])
+    assert both.error["int8"] == pytest.approx(0.01 / 0.02 * 1e-4)  # nearest measured: int4
+    only = _restrict(row, ["pal3", "int8", "fp16"])
+    assert set(only.error) == {"pal3", "int8", "fp16"} and only.measured == ["pal3"]
+    assert only.error["int8"] == pytest.approx(0.2 / 0.05 * 1e-4)  # now from pal3
+    assert row.measured == ["pal3", "int4"] and "int4" in row.error  # the cached row is intact

@@ -288,16 +288,15 @@ class _Probe:
 def _cache_path(
     arch: str,
     clips: Sequence[Path],
-    candidates: list[dict[str, Any]],
     fixed: Sequence[CompressionRule] = (),
 ) -> Path:
+    """One file per architecture, clips and fixed rules; candidates accumulate inside it."""
     from wruntime.build.model_dir import wruntime_home
 
     what: dict[str, Any] = {
         "arch": arch,
         "clips": [str(c) for c in clips],
-        "candidates": candidates,
-        "v": 1,
+        "v": 2,
     }
     if fixed:
         what["fixed"] = [r.to_dict() for r in fixed]
@@ -329,6 +328,33 @@ def _scale_unmeasured(row: LayerSensitivity) -> None:
         row.error[label] = ratio * noise
 
 
+def _restrict(row: LayerSensitivity, labels: Sequence[str]) -> LayerSensitivity:
+    """A row with only some candidates, unmeasured ones scaled from those measured."""
+    keep = [label for label in labels if label in row.noise]
+    out = dataclasses.replace(
+        row,
+        bits={k: row.bits[k] for k in keep},
+        noise={k: row.noise[k] for k in keep},
+        error={k: row.error[k] for k in keep if k in row.measured},
+        measured=[k for k in row.measured if k in keep],
+    )
+    if out.measured:
+        _scale_unmeasured(out)
+    return out
+
+
+def _missing(
+    row: LayerSensitivity,
+    rules: dict[str, CompressionRule],
+    share: float,
+    exhaustive: bool,
+) -> bool:
+    """Whether a row lacks a candidate's noise or a measurement the policy wants."""
+    if set(rules) - set(row.noise):
+        return True
+    return bool(set(_labels_to_measure(row, rules, share, exhaustive)) - set(row.measured))
+
+
 def measure_sensitivity(
     arch: str,
     candidates: Sequence[dict[str, Any]],
@@ -348,35 +374,41 @@ def measure_sensitivity(
     weights a ``fixed`` rule matches are taken out of the search. ``layers`` limits
     the measurement to some layer keys (for tests); the others get no error.
     ``progress(done, total, layer)`` is called before each weight is measured and
-    once at the end: the pass takes minutes, a bar beats silence.
+    once at the end: the pass takes minutes, a bar beats silence. The cache keeps
+    every candidate ever measured for these clips, so trying another candidate
+    costs its weight noise plus the few measurements the policy asks for.
     """
     from wruntime.catalog import load_architecture_weights
 
     say = log or (lambda _: None)
     candidates = [dict(c) for c in candidates]
     clips = [Path(c) for c in (clips or default_clips())]
-    path = _cache_path(arch, clips, candidates, fixed)
-    rules = {
-        rule_label(r): r
-        for r in (
-            CompressionRule.from_dict({"target": "global", **c}, "candidates") for c in candidates
+    path = _cache_path(arch, clips, fixed)
+    parsed = [
+        CompressionRule.from_dict({"target": "global", **c}, "candidates") for c in candidates
+    ]
+    rules = {rule_label(r): r for r in parsed}
+
+    def view(table: SensitivityTable) -> SensitivityTable:
+        return dataclasses.replace(
+            table,
+            candidates=candidates,
+            layers=[_restrict(r, list(rules)) if r.noise else r for r in table.layers],
         )
-    }
+
     previous: dict[str, LayerSensitivity] = {}
+    known: list[dict[str, Any]] = []  # candidates the cached table holds
     spent = 0.0  # seconds the cached measurements took
     if layers is None and cache and path.is_file():
         table = SensitivityTable.from_json(json.loads(path.read_text()))
         searched = sum(r.size * 2 * r.copies for r in table.layers if r.noise)
-        missing = [
-            r
+        if not any(
+            _missing(r, rules, r.size * 2 * r.copies / searched, exhaustive)
             for r in table.layers
             if r.noise
-            and set(_labels_to_measure(r, rules, r.size * 2 * r.copies / searched, exhaustive))
-            - set(r.measured)
-        ]
-        if not missing:
-            return table
-        previous, spent = {r.layer: r for r in table.layers}, table.seconds
+        ):
+            return view(table)
+        previous, known, spent = {r.layer: r for r in table.layers}, table.candidates, table.seconds
     started = time.perf_counter()
     w = weights if weights is not None else load_architecture_weights(arch)
     fp16_dir, fp16_bytes = _fp16_packages(arch, weights)
@@ -395,56 +427,51 @@ def measure_sensitivity(
     ]
     variable = float(sum(pw.size * 2 * copies for _, copies, pw, _ in searched))
 
-    # Bits and weight noise of every candidate (cheap next to a forward pass), then
-    # what is left to measure.
+    # Bits and weight noise of every new candidate (cheap next to a forward pass),
+    # then what is left to measure.
     rows: dict[str, LayerSensitivity] = {}
     for package, copies, pw, value in searched:
         if layers is not None and pw.layer not in layers:
             continue
-        row = previous.get(pw.layer)
-        if row is None or set(row.noise) != set(rules):
-            row = LayerSensitivity(pw.layer, package, pw.size, copies, None)
-            base = value.astype(np.float32)
-            power = float(np.sum(base**2)) or 1.0
-            for label, rule in rules.items():
-                eff = effective_rule(rule, pw)
-                row.bits[label] = rule_bits(eff, pw)
-                q = value if eff.kind == "none" else simulate(value, eff)
-                row.noise[label] = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
-        else:
-            row.error = {k: v for k, v in row.error.items() if k in row.measured}
+        row = previous.get(pw.layer) or LayerSensitivity(pw.layer, package, pw.size, copies, None)
+        row.error = {k: v for k, v in row.error.items() if k in row.measured}
+        base = value.astype(np.float32)
+        power = float(np.sum(base**2)) or 1.0
+        for label, rule in rules.items():
+            if label in row.noise:
+                continue
+            eff = effective_rule(rule, pw)
+            row.bits[label] = rule_bits(eff, pw)
+            q = value if eff.kind == "none" else simulate(value, eff)
+            row.noise[label] = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
         rows[pw.layer] = row
     todo = [
         (package, pw, value)
         for package, copies, pw, value in searched
         if pw.layer in rows
-        and set(
-            _labels_to_measure(rows[pw.layer], rules, pw.size * 2 * copies / variable, exhaustive)
-        )
-        - set(rows[pw.layer].measured)
+        and _missing(rows[pw.layer], rules, pw.size * 2 * copies / variable, exhaustive)
     ]
     tick = progress or (lambda *_: None)
     probe = None
     for done, (package, pw, value) in enumerate(todo):
         tick(done, len(todo), pw.layer)
-        if probe is None:
-            say(f"reference pass on {len(clips)} clips")
-            probe = _Probe(w, clips)
         row = rows[pw.layer]
         share = pw.size * 2 * row.copies / variable
         t0 = time.perf_counter()
         for label in _labels_to_measure(row, rules, share, exhaustive):
             if label in row.measured:
                 continue
+            if probe is None:
+                say(f"reference pass on {len(clips)} clips")
+                probe = _Probe(w, clips)
             params = dict(probe.base.params)
             _write_back(params, pw, simulate(value, effective_rule(rules[label], pw)))
             perturbed = dataclasses.replace(probe.base, params=params)
             row.error[label] = probe.kl(perturbed, encoder_changed=package == "encoder")
             row.measured.append(label)
-        _scale_unmeasured(row)
         say(
             f"{pw.layer}: "
-            + ", ".join(f"{k} {v:.2e}" for k, v in row.error.items())
+            + ", ".join(f"{k} {v:.2e}" for k, v in _restrict(row, list(rules)).error.items())
             + f" ({time.perf_counter() - t0:.1f} s)"
         )
     tick(len(todo), len(todo), "")
@@ -460,22 +487,25 @@ def measure_sensitivity(
         else:
             label = rule_label(effective_rule(fixed_rule, pw)) if fixed_rule else None
             table_layers.append(LayerSensitivity(pw.layer, package, pw.size, copies, label))
-    seconds = spent + time.perf_counter() - started
+    held = {
+        rule_label(CompressionRule.from_dict({"target": "global", **c}, "cache")) for c in known
+    }
     table = SensitivityTable(
         architecture=arch,
         clips=[str(c) for c in clips],
-        candidates=candidates,
+        candidates=known
+        + [c for c, r in zip(candidates, parsed, strict=True) if rule_label(r) not in held],
         layers=table_layers,
         other_bytes=fp16_bytes - variable,
         fp16_bytes=fp16_bytes,
-        seconds=round(seconds, 1),
+        seconds=round(spent + time.perf_counter() - started, 1),
     )
     if layers is None and cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table.to_json(), indent=1))
         os.replace(tmp, path)
-    return table
+    return view(table)
 
 
 # ------------------------------------------------------------------ choosing
