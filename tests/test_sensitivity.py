@@ -232,3 +232,16 @@ def test_a_cached_row_restricted_to_some_candidates_rescales_from_what_remains()
     assert set(only.error) == {"pal3", "int8", "fp16"} and only.measured == ["pal3"]
     assert only.error["int8"] == pytest.approx(0.2 / 0.05 * 1e-4)  # now from pal3
     assert row.measured == ["pal3", "int4"] and "int4" in row.error  # the cached row is intact
+
+
+def test_a_noise_ceiling_rules_out_candidates_the_kl_rates_as_free():
+    """A few clips' KL cannot see damage to rows they never use: `max_noise` guards it."""
+    table = _table()
+    rare = table.layers[0]  # "robust": its int4 error looks tiny on the clips
+    free = choose(table, Budget(max_fraction=0.5))
+    assert free.labels["robust"] == "int4/32"
+    capped = choose(table, Budget(max_fraction=0.5), max_noise=1e-3)  # int4 noise is 1e-2
+    assert capped.labels["robust"] != "int4/32" and capped.labels["fragile"] != "int4/32"
+    assert rare.error["int4/32"] == 1e-4  # the table itself is untouched
+    # Nothing but int8 may go: 8 bits on both layers cannot fit 40%.
+    assert not choose(table, Budget(max_fraction=0.4), max_noise=1e-3).met

@@ -562,7 +562,7 @@ def sensitivity_cmd(
             if given
             else Budget.from_spec(search.get("budget", {}))
         )
-        choice = choose(table, budget)
+        choice = choose(table, budget, search.get("max_noise"))
         measured = [r for r in choice.rows() if any(k.startswith("kl[") for k in r)]
         keys = sorted({k for r in measured for k in r if k.startswith("kl[")})
         table_view = Table(
