@@ -400,13 +400,19 @@ def op_config(rule: CompressionRule) -> Any:
             kwargs["block_size"] = rule.block_size or 32
         return OpLinearQuantizerConfig(**kwargs)
     kwargs = {"granularity": rule.granularity or "per_tensor", "weight_threshold": threshold}
-    if (rule.mode or "kmeans") == "kmeans":
-        kwargs.update(mode="custom", lut_function=OptimalLut(rule.nbits or 8))
+    lut_function = _lut_function(rule)
+    if lut_function is not None:
+        kwargs.update(mode="custom", lut_function=lut_function)
     else:
         kwargs.update(mode=rule.mode, nbits=rule.nbits)
     if rule.granularity == "per_grouped_channel":
         kwargs["group_size"] = rule.group_size or 32
     return OpPalettizerConfig(**kwargs)
+
+
+def _lut_function(rule: CompressionRule) -> OptimalLut | None:
+    """Our k-means tables for a "kmeans" palettize rule (None: coremltools' own mode)."""
+    return OptimalLut(rule.nbits or 8) if (rule.mode or "kmeans") == "kmeans" else None
 
 
 def lut_config() -> Any:
@@ -428,7 +434,7 @@ def lut_config() -> Any:
 #: Tables already solved in this process (see OptimalLut), up to this many indices in all.
 _LUT_MEMO: dict[tuple[int, str, bytes], tuple[np.ndarray, np.ndarray]] = {}
 _LUT_MEMO_VALUES = 200_000_000
-_LUT_MEMO_HELD = [0]
+_lut_memo_held = 0  # indices the memo holds
 #: Exact 1-D k-means (kmeans1d) up to this many values: groups and rows. Larger
 #: tensors go to `_weighted_kmeans`: 5-8x faster on a 590k-value layer, within 0.5%
 #: of the optimal squared error, and without kmeans1d's k x n table (17 GB at k = 256
@@ -459,14 +465,15 @@ class OptimalLut:
         # A build compresses each decoder weight once per function (explicit decoder,
         # then each stateful batch): the same values, so the same table, found again.
         key = (self.nbits, values.dtype.str, hashlib.blake2b(values.view(np.uint8)).digest())
+        global _lut_memo_held
         found = _LUT_MEMO.get(key)
         if found is None:
             found = self._solve(values)
-            if _LUT_MEMO_HELD[0] + values.size > _LUT_MEMO_VALUES:
+            if _lut_memo_held + values.size > _LUT_MEMO_VALUES:
                 _LUT_MEMO.clear()
-                _LUT_MEMO_HELD[0] = 0
+                _lut_memo_held = 0
             _LUT_MEMO[key] = found
-            _LUT_MEMO_HELD[0] += values.size
+            _lut_memo_held += values.size
         return found[0].copy(), found[1].copy()
 
     def _solve(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -489,9 +496,9 @@ def _weighted_kmeans(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     """k-means of a large tensor over its distinct values, each weighted by its count.
 
     kmeans1d keeps a k x n table (a 5 M-value embedding chunk at k = 256 took 17 GB
-    and was killed), is slow past a few hundred thousand values, and takes no weights. The same objective over the distinct
-    values (fp16 has at most 65,536) is small: scikit-learn's k-means++ with a fixed
-    seed solves it in seconds, deterministically.
+    and was killed), is slow past a few hundred thousand values, and takes no weights.
+    The same objective over the distinct values (fp16 has at most 65,536) is small:
+    scikit-learn's k-means++ with a fixed seed solves it in seconds, deterministically.
     """
     from sklearn.cluster import KMeans
 
@@ -702,13 +709,15 @@ def simulate(value: np.ndarray, rule: CompressionRule) -> np.ndarray:
             raise ValueError(f"cannot quantize a {value.shape} weight with {rule_label(rule)}")
         return np.asarray(linear_quantize_weights.decompress(params), dtype=dtype)
     group = value.shape[0] if rule.granularity != "per_grouped_channel" else rule.group_size or 32
-    mode = (rule.mode or "kmeans").upper()
-    if mode == "KMEANS":  # as op_config does it
+    lut_function = _lut_function(rule)
+    if lut_function is not None:  # as op_config does it
         params = palettize_weights.grouped_channelwise_compress(
-            value, "CUSTOM", None, 0, group, lut_function=OptimalLut(rule.nbits or 8)
+            value, "CUSTOM", None, 0, group, lut_function=lut_function
         )
     else:
-        params = palettize_weights.grouped_channelwise_compress(value, mode, rule.nbits, 0, group)
+        params = palettize_weights.grouped_channelwise_compress(
+            value, (rule.mode or "").upper(), rule.nbits, 0, group
+        )
     if params is None:
         raise ValueError(f"cannot palettize a {value.shape} weight with {rule_label(rule)}")
     if rule.lut_dtype == "int8":  # the tables quantized as the joint-compression pass does

@@ -116,6 +116,11 @@ class LayerSensitivity:
     def size_bytes(self, label: str) -> float:
         return self.size * self.bits[label] / 8 * self.copies
 
+    @property
+    def fp16_bytes(self) -> int:
+        """What the weight takes in an fp16 model directory, all copies counted."""
+        return self.size * 2 * self.copies
+
 
 @dataclass
 class SensitivityTable:
@@ -406,11 +411,9 @@ def measure_sensitivity(
     spent = 0.0  # seconds the cached measurements took
     if layers is None and cache and path.is_file():
         table = SensitivityTable.from_json(json.loads(path.read_text()))
-        searched = sum(r.size * 2 * r.copies for r in table.layers if r.noise)
+        searched = sum(r.fp16_bytes for r in table.layers if r.noise)
         if not any(
-            _missing(r, rules, r.size * 2 * r.copies / searched, exhaustive)
-            for r in table.layers
-            if r.noise
+            _missing(r, rules, r.fp16_bytes / searched, exhaustive) for r in table.layers if r.noise
         ):
             return view(table)
         previous, known, spent = {r.layer: r for r in table.layers}, table.candidates, table.seconds
@@ -452,18 +455,17 @@ def measure_sensitivity(
         rows[pw.layer] = row
     todo = [
         (package, pw, value)
-        for package, copies, pw, value in searched
+        for package, _, pw, value in searched
         if pw.layer in rows
-        and _missing(rows[pw.layer], rules, pw.size * 2 * copies / variable, exhaustive)
+        and _missing(rows[pw.layer], rules, rows[pw.layer].fp16_bytes / variable, exhaustive)
     ]
     tick = progress or (lambda *_: None)
     probe = None
     for done, (package, pw, value) in enumerate(todo):
         tick(done, len(todo), pw.layer)
         row = rows[pw.layer]
-        share = pw.size * 2 * row.copies / variable
         t0 = time.perf_counter()
-        for label in _labels_to_measure(row, rules, share, exhaustive):
+        for label in _labels_to_measure(row, rules, row.fp16_bytes / variable, exhaustive):
             if label in row.measured:
                 continue
             if probe is None:
