@@ -29,6 +29,7 @@ INT8 = {
     "mode": "linear_symmetric",
     "granularity": "per_channel",
 }
+INT4_16 = {**INT4, "block_size": 16}
 NONE = {"kind": "none"}
 
 
@@ -94,7 +95,7 @@ def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(ti
     ticks = []
     table = measure_sensitivity(
         "tiny.en",
-        [INT4, INT8, NONE],
+        [INT4, INT4_16, INT8, NONE],
         weights=tiny_weights,
         clips=[CLIPS["experience"][0]],
         layers=layers,
@@ -104,13 +105,18 @@ def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(ti
     assert ticks == [(0, 2, layers[0]), (1, 2, layers[1]), (2, 2, "")]
     rows = {row.layer: row for row in table.layers}
     key, emb = rows[layers[0]], rows[layers[1]]
-    # The encoder weight: its most aggressive candidate measured, the other scaled by noise.
-    # A vocabulary chunk holds >5% of the bytes: every candidate measured.
-    assert key.measured == ["int4/32"] and emb.measured == ["int4/32", "int8"]
+    # The encoder weight: its most aggressive and its median candidate in noise measured,
+    # int8 scaled from its neighbour int4/16. A vocabulary chunk holds >5% of the bytes:
+    # every candidate measured.
+    assert key.measured == ["int4/32", "int4/16"]
+    assert emb.measured == ["int4/32", "int4/16", "int8"]
+    ratio = key.error["int4/16"] / key.noise["int4/16"]
+    assert key.error["int8"] == pytest.approx(ratio * key.noise["int8"])
     for row in (key, emb):
         assert row.error["int4/32"] > row.error["int8"] > 0 == row.error["fp16"]
-        assert row.noise["int4/32"] > 10 * row.noise["int8"]
+        assert row.noise["int4/32"] > row.noise["int4/16"] > 10 * row.noise["int8"]
         assert row.bits["int4/32"] == pytest.approx(4.5)
+        assert row.bits["int4/16"] == pytest.approx(5.0)
     assert emb.error["int4/32"] > 3 * key.error["int4/32"]
     assert emb.copies == 2 and key.copies == 1  # decoder weights live in two packages
     assert not rows["encoder.blocks.2.mlp.0.weight"].error  # not measured: not searched
@@ -245,3 +251,33 @@ def test_a_noise_ceiling_rules_out_candidates_the_kl_rates_as_free():
     assert rare.error["int4/32"] == 1e-4  # the table itself is untouched
     # Nothing but int8 may go: 8 bits on both layers cannot fit 40%.
     assert not choose(table, Budget(max_fraction=0.4), max_noise=1e-3).met
+
+
+def test_probe_windows_pack_clips_into_as_few_encoder_windows_as_fit():
+    """Short clips share a 30-second window; the speech inside is the clips', unchanged."""
+    from conftest import CLIPS, SHARED_SPEECH
+
+    from wruntime.audio import load_audio
+    from wruntime.build.sensitivity import GAP_SECONDS, probe_windows
+    from wruntime.features import N_SAMPLES
+
+    clips = [CLIPS[k][0] for k in ("jfk", "belly", "experience")]
+    (window,) = probe_windows(clips)  # 11 + 3.3 + 2 s: one window, not three
+    audio = [load_audio(c) for c in clips]
+    assert window.shape == (N_SAMPLES,)
+    # Longest first, a pause between clips, zeros after.
+    gap = int(GAP_SECONDS * 16000)
+    at = 0
+    for a in sorted(audio, key=len, reverse=True):
+        assert np.array_equal(window[at : at + len(a)], a)
+        at += len(a)
+        assert not window[at : at + gap].any()
+        at += gap
+    assert not window[at:].any()
+
+    long = sorted(SHARED_SPEECH.glob("earnings-22/*.wav"))[:1]
+    if long:  # a 60-second file is cut into windows of its own
+        whole = load_audio(long[0])
+        windows = probe_windows(long)
+        assert len(windows) == -(-len(whole) // N_SAMPLES)
+        assert np.array_equal(np.concatenate(windows)[: len(whole)], whole)

@@ -4,24 +4,27 @@ How much does compressing one weight, alone, hurt? Measured end to end: the
 weight is compressed and decompressed exactly as coremltools would store it
 (`compress.simulate` on the weight as it sits in the fp16 package, fused q/k/v
 and vocabulary chunks included), mapped back onto the canonical weights, and the
-numpy reference forward pass (`wruntime.oracle`) is run on a few real clips. The
-error is the KL divergence of the decoder's next-token distribution from the
-uncompressed (fp16-rounded) model's, over the tokens the uncompressed model
-itself decodes (teacher forcing), averaged over positions and clips.
+numpy reference forward pass (`wruntime.oracle`) is run on real speech: the clips
+packed end to end into 30-second windows (`probe_windows`), since the encoder pays
+for a whole window however short the clip. The error is the KL divergence of the
+decoder's next-token distribution from the uncompressed (fp16-rounded) model's,
+over the tokens the uncompressed model itself decodes (teacher forcing), averaged
+over every decoded position.
 
 Measuring every candidate of every layer would cost one forward pass each; by
-default each layer is measured once, with its most aggressive candidate, and
-the other candidates' errors are scaled by their relative weight noise
-(||W - Wq||^2 / ||W||^2): for small perturbations the KL is quadratic in the
-perturbation, so linear in that noise. That scaling is not safe across
-candidates: on tiny.en's first vocabulary chunk the KL per unit of noise ranges
-from 0.6 (int8) and 0.9 (int4 per block) to 1.7 (a 4-bit table per row) and 5.2
-(one 4-bit table for the chunk), since which rows an error lands on matters. So the few
-weights that hold most of the bytes (each at least `FULL_SHARE` of the searched
-bytes: the vocabulary chunks) have every candidate measured, where a mis-scaled
-error would move the whole choice; an unmeasured candidate is scaled from the
-measured one nearest in noise. ``exhaustive=True`` measures every layer fully.
-Measurements are cached and reused: asking for more measures only what is missing.
+default a layer is measured with its most aggressive candidate and its median one
+in relative weight noise (||W - Wq||^2 / ||W||^2), and each other candidate's
+error is scaled from the measured one nearest in noise: for small perturbations
+the KL is quadratic in the perturbation, so linear in that noise. That scaling is
+only safe between neighbours: on tiny.en's first vocabulary chunk the KL per unit
+of noise ranges from 0.6 (int8) and 0.9 (int4 per block) to 1.7 (a 4-bit table
+per row) and 5.2 (one 4-bit table for the chunk), since which rows an error lands
+on matters. So the few weights that hold most of the bytes (each at least
+`FULL_SHARE` of the searched bytes: the vocabulary chunks) have every candidate
+measured, where a mis-scaled error would move the whole choice.
+``exhaustive=True`` measures every layer fully. Measurements are cached per set of
+clips and reused (asking for more measures only what is missing); bits and noise
+depend on the weights alone and are cached once for any clips.
 
 `choose` then spends a budget greedily: from fp16 everywhere, it repeatedly
 takes the move (a layer to a smaller candidate) that adds the least error per
@@ -83,6 +86,12 @@ FULL_SHARE = 0.05
 #: scales, metadata): a tiny.en model predicted at 29.98% of fp16 was 30.03% on disk.
 #: A size budget is aimed this far under, so the built model meets it.
 SIZE_MARGIN = 0.995
+
+#: Clips are packed into 30-second windows with this much silence between them.
+GAP_SECONDS = 0.5
+
+#: Tokens the reference decodes per window (openai-whisper's own sample length).
+PROBE_TOKENS = 224
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,18 +257,47 @@ def _round_fp16(weights: WhisperWeights) -> WhisperWeights:
     return dataclasses.replace(weights, params=params)
 
 
+def probe_windows(clips: Sequence[Path]) -> list[np.ndarray]:
+    """The clips packed end to end into windows of up to 30 s, a short pause between them.
+
+    The encoder always runs on a 30-second window, so measuring a 3-second clip alone
+    pays for 27 seconds of padding: packed, the same encoder passes see up to ten
+    times more speech, and the KL averages over that many more decoded tokens. A clip
+    longer than a window is cut into windows of its own.
+    """
+    from wruntime.audio import SAMPLE_RATE, load_audio
+    from wruntime.features import N_SAMPLES, pad_or_trim
+
+    gap = np.zeros(int(GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+    pieces = []
+    for clip in clips:
+        audio = load_audio(clip)
+        pieces += [audio[i : i + N_SAMPLES] for i in range(0, max(len(audio), 1), N_SAMPLES)]
+    # First fit, longest first: the fewest windows, so the fewest encoder passes.
+    windows: list[list[np.ndarray]] = []
+    room: list[int] = []
+    for piece in sorted(pieces, key=len, reverse=True):
+        need = len(piece) + len(gap)
+        slot = next((i for i, free in enumerate(room) if need <= free), None)
+        if slot is None:
+            windows.append([])
+            room.append(N_SAMPLES + len(gap))  # the first piece of a window needs no gap
+            slot = len(windows) - 1
+        windows[slot] += [gap, piece] if windows[slot] else [piece]
+        room[slot] -= need
+    return [pad_or_trim(np.concatenate(w)) for w in windows]
+
+
 class _Probe:
     """The reference forward pass on a few clips, and the KL of a perturbed model from it."""
 
     def __init__(self, weights: WhisperWeights, clips: Sequence[Path]) -> None:
         from wruntime import oracle
-        from wruntime.audio import load_audio
-        from wruntime.features import log_mel_spectrogram, pad_or_trim
+        from wruntime.features import log_mel_spectrogram
+        from wruntime.tokenizer import get_tokenizer
 
         self.oracle = oracle
         self.base = _round_fp16(weights)
-        from wruntime.tokenizer import get_tokenizer
-
         dims = weights.dims
         tokenizer = get_tokenizer(
             list(weights.tokenizer_files.values()),
@@ -268,11 +306,12 @@ class _Probe:
         )
         sot = list(tokenizer.sot_sequence_including_notimestamps)
         self.items = []
-        for clip in clips:
-            audio = pad_or_trim(load_audio(clip))
+        for audio in probe_windows(clips):
             mel = log_mel_spectrogram(audio, dims.n_mels)
             feats = oracle.encode(self.base, mel)
-            tokens = oracle.greedy_tokens(self.base, None, sot, max_tokens=96, audio_features=feats)
+            tokens = oracle.greedy_tokens(
+                self.base, None, sot, max_tokens=PROBE_TOKENS, audio_features=feats
+            )
             seq = np.array(sot + tokens, dtype=np.int64)
             logp = self._logp(self.base, seq, feats)
             self.items.append((mel, feats, seq, logp))
@@ -286,13 +325,15 @@ class _Probe:
         return self._log_softmax(self.oracle.logits_for_sequence(w, seq, feats).astype(np.float64))
 
     def kl(self, weights: WhisperWeights, encoder_changed: bool) -> float:
-        total = 0.0
+        """Mean KL per decoded position, over every window's positions together."""
+        total, positions = 0.0, 0
         for mel, feats, seq, ref in self.items:
             if encoder_changed:
                 feats = self.oracle.encode(weights, mel)
             logp = self._logp(weights, seq, feats)
-            total += float(np.mean(np.sum(np.exp(ref) * (ref - logp), axis=-1)))
-        return total / len(self.items)
+            total += float(np.sum(np.exp(ref) * (ref - logp)))
+            positions += len(seq)
+        return total / positions
 
 
 def _cache_path(
@@ -305,8 +346,8 @@ def _cache_path(
 
     what: dict[str, Any] = {
         "arch": arch,
-        "clips": [str(c) for c in clips],
-        "v": 2,
+        "clips": sorted(str(Path(c).resolve()) for c in clips),  # packed: order is moot
+        "v": 3,  # 3: clips packed into windows, KL averaged over all decoded positions
     }
     if fixed:
         what["fixed"] = [r.to_dict() for r in fixed]
@@ -315,14 +356,34 @@ def _cache_path(
     return wruntime_home() / "sensitivity" / f"{arch}-{digest}.json"
 
 
+def _noise_cache_path(arch: str, fixed: Sequence[CompressionRule] = ()) -> Path:
+    """Each candidate's bits and weight noise, per weight: the same whatever the clips."""
+    from wruntime.build.model_dir import wruntime_home
+
+    what: dict[str, Any] = {"arch": arch, "fixed": [r.to_dict() for r in fixed], "v": 1}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return wruntime_home() / "sensitivity" / f"{arch}-noise-{digest}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A cache file is whole or absent: an interrupted pass leaves no half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _labels_to_measure(
     row: LayerSensitivity, rules: dict[str, CompressionRule], share: float, exhaustive: bool
 ) -> list[str]:
-    """Every candidate of a weight that holds many bytes, else the most aggressive one."""
+    """Every candidate of a weight that holds many bytes, else the most aggressive one and
+    the median one in noise, so the candidates a size budget lands on (4-bit, mostly) are
+    scaled from a measurement nearby, not from one 3-bit table four times noisier."""
     lossy = [label for label, rule in rules.items() if rule.kind != "none"]
     if exhaustive or share >= FULL_SHARE:
         return lossy
-    return [max(lossy, key=lambda label: row.noise[label])]
+    ranked = sorted(lossy, key=lambda label: -row.noise[label])
+    return list(dict.fromkeys([ranked[0], ranked[len(ranked) // 2]]))
 
 
 def _scale_unmeasured(row: LayerSensitivity) -> None:
@@ -437,22 +498,32 @@ def measure_sensitivity(
 
     # Bits and weight noise of every new candidate (cheap next to a forward pass),
     # then what is left to measure.
+    # Bits and noise depend on the weights alone, not the clips: kept in their own cache.
+    noise_path = _noise_cache_path(arch, fixed)
+    noise_cache: dict[str, dict[str, list[float]]] = {}
+    if cache and noise_path.is_file():
+        noise_cache = json.loads(noise_path.read_text())
     rows: dict[str, LayerSensitivity] = {}
     for package, copies, pw, value in searched:
         if layers is not None and pw.layer not in layers:
             continue
         row = previous.get(pw.layer) or LayerSensitivity(pw.layer, package, pw.size, copies, None)
         row.error = {k: v for k, v in row.error.items() if k in row.measured}
+        known_noise = noise_cache.setdefault(pw.layer, {})
         base = value.astype(np.float32)
         power = float(np.sum(base**2)) or 1.0
         for label, rule in rules.items():
             if label in row.noise:
                 continue
-            eff = effective_rule(rule, pw)
-            row.bits[label] = rule_bits(eff, pw)
-            q = value if eff.kind == "none" else simulate(value, eff)
-            row.noise[label] = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
+            if label not in known_noise:
+                eff = effective_rule(rule, pw)
+                q = value if eff.kind == "none" else simulate(value, eff)
+                noise = float(np.sum((q.astype(np.float32) - base) ** 2)) / power
+                known_noise[label] = [rule_bits(eff, pw), noise]
+            row.bits[label], row.noise[label] = known_noise[label]
         rows[pw.layer] = row
+    if cache:
+        _write_atomic(noise_path, json.dumps(noise_cache))
     todo = [
         (package, pw, value)
         for package, _, pw, value in searched
@@ -508,10 +579,7 @@ def measure_sensitivity(
         seconds=round(spent + time.perf_counter() - started, 1),
     )
     if layers is None and cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table.to_json(), indent=1))
-        os.replace(tmp, path)
+        _write_atomic(path, json.dumps(table.to_json(), indent=1))
     return view(table)
 
 
