@@ -3,6 +3,8 @@
     python benchmarks/compression_table.py                       # tiny.en, every precision, all clips
     python benchmarks/compression_table.py --arch base --precisions fp16,int8,pal8
     python benchmarks/compression_table.py --per-group 20        # first 20 LibriSpeech + 20 others
+    python benchmarks/compression_table.py --precisions fp16 --auto-fractions 0.3 \
+        --calibration librispeech-dev-clean,librispeech-train-clean-5  # auto on a calibration set
 
 Each model is built on first use (into $WRUNTIME_HOME, the cache: later runs reuse
 it; the manifest's build_seconds is the time it took) and transcribes through the
@@ -64,18 +66,22 @@ def _transcripts(model: str, items: list, fp16: bool, source: str | None = None)
     return {it.key: done[it.key] for it in items}
 
 
-def _auto_variant(arch: str, fraction: float) -> Path:
-    """An auto model for another size budget, built beside the catalog's (same search)."""
+def _auto_variant(arch: str, fraction: float, clips: list[Path] | None = None) -> Path:
+    """An auto model for another size budget, built beside the catalog's (same search).
+
+    With ``clips`` the sensitivity is measured on them (a calibration set) instead of
+    the committed test clips, and the model is named ``<arch>-auto@<fraction>-cal``.
+    """
     from wruntime.build.compress import CompressionStage
     from wruntime.build.model_dir import models_root
     from wruntime.build.pipeline import build_model
     from wruntime.build.sensitivity import Budget, sensitivity_report
     from wruntime.catalog import load_architecture_weights, resolve_model_name
 
-    dest = models_root() / f"{arch}-auto@{fraction:g}"
+    dest = models_root() / f"{arch}-auto@{fraction:g}{'-cal' if clips else ''}"
     if not dest.is_dir():
         spec = resolve_model_name(f"{arch}-auto")
-        choice = sensitivity_report(arch, budget=Budget(max_fraction=fraction))
+        choice = sensitivity_report(arch, budget=Budget(max_fraction=fraction), clips=clips)
         stage = CompressionStage(spec.precision, load_architecture_weights(arch), choice.rules)
         build_model(spec, dest=dest, stages=[stage])
     return dest
@@ -91,11 +97,13 @@ def peer_worker(args: argparse.Namespace) -> None:
     out: dict[str, dict[str, float]] = {}
     for model, texts in job["texts"].items():
         out[model] = {}
-        for group in (*GROUPS, "all"):
+        held = set(texts) - set(job.get("calibration", []))
+        for group in (*GROUPS, "all", "held out"):
             keys = [
                 k
                 for k in texts
-                if (group == "all" or _group(k) == group) and norm(job["refs"][k]).strip()
+                if (group == "all" or _group(k) == group or (group == "held out" and k in held))
+                and norm(job["refs"][k]).strip()
             ]
             if keys:
                 refs = [norm(job["refs"][k]) for k in keys]
@@ -113,6 +121,12 @@ def main() -> None:
     ap.add_argument(
         "--auto-fractions", default="", help="more auto models, e.g. 0.35,0.4 (of fp16 size)"
     )
+    ap.add_argument(
+        "--calibration",
+        default="",
+        help="manifest folders whose files the auto models' sensitivity is measured on, e.g.\n"
+        "librispeech-dev-clean,librispeech-train-clean-5 (WER is then also given on the rest)",
+    )
     ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--answer", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -126,6 +140,10 @@ def main() -> None:
     from wruntime.catalog import resolve_model_name
 
     items = read_manifest(args.manifest)
+    folders = set(filter(None, args.calibration.split(",")))
+    calibration = [it for it in items if it.key.split("/")[0] in folders]
+    if folders and not calibration:
+        raise SystemExit(f"no manifest files under {', '.join(sorted(folders))}")
     if args.per_group:
         items = [
             it for g in GROUPS for it in [x for x in items if _group(x.key) == g][: args.per_group]
@@ -153,7 +171,7 @@ def main() -> None:
         fp16 = spec.precision.compute_precision == "float16"
         texts[name] = _transcripts(name, items, fp16)
     for fraction in filter(None, args.auto_fractions.split(",")):
-        path = _auto_variant(args.arch, float(fraction))
+        path = _auto_variant(args.arch, float(fraction), [it.path for it in calibration] or None)
         name = path.name
         rows[name] = {
             "precision": f"auto@{fraction}",
@@ -164,7 +182,10 @@ def main() -> None:
         texts[name] = _transcripts(name, items, True, str(path))
     refs = {it.key: it.reference for it in items}
     job = RESULTS / f".compression_job_{args.arch}.json"
-    job.write_text(json.dumps({"texts": texts, "refs": refs}), encoding="utf-8")
+    held_out = [it.key for it in calibration]
+    job.write_text(
+        json.dumps({"texts": texts, "refs": refs, "calibration": held_out}), encoding="utf-8"
+    )
     wers = run_peer(Path(__file__).resolve(), ["--job", str(job)])
     job.unlink()
 
@@ -184,20 +205,29 @@ def main() -> None:
         f"({minutes['librispeech']:.1f} min); other: {counts['other']} files "
         f"({minutes['other']:.1f} min: {', '.join(corpora['other'])}).",
         "",
+        (
+            f"Calibration: the auto models' sensitivity is measured on the {len(calibration)} "
+            f"files under {', '.join(sorted(folders))}; 'WER held out' leaves them out "
+            f"({len(items) - len(calibration)} files)."
+            if calibration
+            else ""
+        ),
         "",
         "loops: files whose transcript repeats itself (gzip compression ratio > 2.4, the "
         "threshold at which the default temperature fallback would have re-decoded them).",
         "",
         "| model | target | size MB | vs fp16 | build s | WER LibriSpeech | WER other | WER all "
-        "| loops |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        + ("| WER held out " if calibration else "")
+        + "| loops |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if calibration else "") + "---:|",
     ]
+    shown = (*GROUPS, "all", "held out") if calibration else (*GROUPS, "all")
     for name, row in rows.items():
         w = wers.get(name, {})
         ratio = f"{row['size_mb'] / base:.2f}" if base else "-"
         lines.append(
             f"| {name} | {row['target']} | {row['size_mb']:.1f} | {ratio} | {row['build_s']:.0f} | "
-            + " | ".join(f"{w[g]:.2f}" if g in w else "-" for g in (*GROUPS, "all"))
+            + " | ".join(f"{w[g]:.2f}" if g in w else "-" for g in shown)
             + f" | {sum(_looped(t) for t in texts[name].values())} |"
         )
     table = "\n".join(lines) + "\n"
