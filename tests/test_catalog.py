@@ -211,3 +211,33 @@ def test_offline_hub_is_not_tried(monkeypatch):
 def test_unknown_architecture():
     with pytest.raises(ModelNameError, match=r"the architectures are tiny, tiny\.en"):
         catalog.load_architecture_weights("tiny-en")
+
+
+def test_an_auto_model_name_can_carry_a_size_budget():
+    """`tiny.en-auto@0.3`: the catalog's search, to 30% of fp16; `@40mb`: to 40 MB."""
+    from wruntime.build.sensitivity import Budget
+
+    auto = catalog.precisions()["auto"]
+    frac = catalog.resolve_model_name("Tiny.en-auto@0.3")
+    assert frac.name == "tiny.en-auto@0.3" and frac.architecture.name == "tiny.en"
+    assert frac.precision.name == "auto@0.3"
+    assert Budget.from_spec(frac.precision.sensitivity["budget"]) == Budget(max_fraction=0.3)
+    # Everything but the budget is the catalog's auto.
+    assert frac.precision.sensitivity["candidates"] == auto.sensitivity["candidates"]
+    assert frac.precision.sensitivity["max_noise"] == auto.sensitivity["max_noise"]
+    assert frac.precision.minimum_deployment_target == auto.minimum_deployment_target
+    assert "30% of fp16" in frac.precision.description
+    mb = catalog.resolve_model_name("large-v3-turbo-auto@40MB")
+    assert mb.architecture.name == "large-v3-turbo"
+    assert Budget.from_spec(mb.precision.sensitivity["budget"]) == Budget(max_mb=40.0)
+
+    for bad, why in [
+        ("tiny.en-int8@0.3", "fixed recipe"),
+        ("tiny.en-auto@1.5", "fraction of the fp16 size below 1"),
+        ("tiny.en-auto@0", "fraction of the fp16 size below 1"),
+        ("tiny.en-auto@small", "fraction of the fp16 size below 1"),
+        ("tiny.en-auto@0.3@0.2", "fraction of the fp16 size below 1"),
+        ("tiny.xx-auto@0.3", "Unknown model 'tiny.xx-auto'"),
+    ]:
+        with pytest.raises(ModelNameError, match=why):
+            catalog.resolve_model_name(bad)

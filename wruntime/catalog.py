@@ -263,6 +263,8 @@ def resolve_model_name(name: str) -> ModelSpec:
     split by finding a known precision as its suffix, not at the first dash.
     """
     text = name.strip().lower()
+    if "@" in text:
+        return _budgeted(name, text)
     for precision in sorted(precisions(), key=len, reverse=True):
         suffix = "-" + precision
         if text.endswith(suffix) and text[: -len(suffix)] in architectures():
@@ -278,8 +280,45 @@ def resolve_model_name(name: str) -> ModelSpec:
         )
     raise ModelNameError(
         f"Unknown model '{name}': a model name is <architecture>-<precision>, where the "
-        f"{_valid_names_sentence()} (e.g. tiny.en-fp16, small-int8)."
+        f"{_valid_names_sentence()} (e.g. tiny.en-fp16, small-int8, base-auto@0.3)."
     )
+
+
+_BUDGET = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<mb>mb)?$")
+
+
+def _budgeted(name: str, text: str) -> ModelSpec:
+    """`<architecture>-auto@<budget>`: a searched precision built to a size budget.
+
+    ``tiny.en-auto@0.3`` is at most 30% of the fp16 model directory, ``base-auto@40mb``
+    at most 40 MB. The catalog's `auto` has one error budget; a size is what a user
+    shipping an app has in mind, and each budget is its own cached model.
+    """
+    stem, _, budget = text.partition("@")
+    base = resolve_model_name(stem)
+    if base.precision.sensitivity is None:
+        raise ModelNameError(
+            f"'{name}': only a precision chosen from measured sensitivity takes a budget "
+            f"(@); {base.precision.name} is a fixed recipe."
+        )
+    match = _BUDGET.match(budget)
+    value = float(match["value"]) if match else 0.0
+    if match is None or value <= 0 or (not match["mb"] and value >= 1):
+        raise ModelNameError(
+            f"'{name}': the budget after @ is a fraction of the fp16 size below 1 (e.g. "
+            f"{stem}@0.3) or a size in MB (e.g. {stem}@40mb)."
+        )
+    metric = "size_mb" if match["mb"] else "size_fraction"
+    described = f"at most {value:g} MB" if match["mb"] else f"at most {value:.0%} of fp16"
+    precision = PrecisionSpec(
+        name=f"{base.precision.name}@{budget}",
+        description=f"{base.precision.description}; here to a size budget: {described}",
+        compute_precision=base.precision.compute_precision,
+        minimum_deployment_target=base.precision.minimum_deployment_target,
+        compression=base.precision.compression,
+        sensitivity={**base.precision.sensitivity, "budget": {"metric": metric, "max": value}},
+    )
+    return ModelSpec(name=text, architecture=base.architecture, precision=precision)
 
 
 # --- weights --------------------------------------------------------------------------------------

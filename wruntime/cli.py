@@ -508,8 +508,9 @@ def sensitivity_cmd(
 
     Each weight is compressed alone and the next-token distribution compared with fp16
     (KL) on real clips; the table is cached, so asking again with another budget is
-    instant. With --build, `<architecture>-auto` is built from the choice (replacing the
-    cached one).
+    instant. With --build the choice is built (replacing a cached one): as
+    `<architecture>-auto@<fraction>` for --max-fraction, `<architecture>-auto@<N>mb` for
+    --max-mb (the names `--model` takes), else `<architecture>-auto`.
     """
 
     def action() -> None:
@@ -590,12 +591,20 @@ def sensitivity_cmd(
             write_json(
                 {"budget": budget.describe(), "met": choice.met, "rows": choice.rows()}, json_out
             )
-        if build:
+        if build and choice.met:
             from wruntime.build import build_model
             from wruntime.build.compress import CompressionStage
             from wruntime.catalog import load_architecture_weights, resolve_model_name
 
-            name = f"{architecture}-auto"
+            # A size budget names its own model (tiny.en-auto@0.3, what `--model` takes);
+            # an error budget replaces the catalog's `auto`.
+            name = f"{architecture}-auto" + (
+                f"@{max_fraction:g}"
+                if max_fraction is not None
+                else f"@{max_mb:g}mb"
+                if max_mb is not None
+                else ""
+            )
             weights = load_architecture_weights(architecture)
             stage = CompressionStage(resolve_model_name(name).precision, weights, choice.rules)
             path = build_model(
