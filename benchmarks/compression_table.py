@@ -67,20 +67,23 @@ def _transcripts(model: str, items: list, fp16: bool, source: str | None = None)
 
 
 def _auto_variant(arch: str, fraction: float, clips: list[Path] | None = None) -> Path:
-    """An auto model for another size budget, built beside the catalog's (same search).
+    """The auto model for a size budget: `<arch>-auto@<fraction>`, as `--model` builds it.
 
     With ``clips`` the sensitivity is measured on them (a calibration set) instead of
     the committed test clips, and the model is named ``<arch>-auto@<fraction>-cal``.
     """
     from wruntime.build.compress import CompressionStage
     from wruntime.build.model_dir import models_root
-    from wruntime.build.pipeline import build_model
+    from wruntime.build.pipeline import build_model, ensure_model
     from wruntime.build.sensitivity import Budget, sensitivity_report
     from wruntime.catalog import load_architecture_weights, resolve_model_name
 
-    dest = models_root() / f"{arch}-auto@{fraction:g}{'-cal' if clips else ''}"
+    name = f"{arch}-auto@{fraction:g}"
+    if not clips:
+        return Path(ensure_model(name, progress=True).path)
+    dest = models_root() / f"{name}-cal"
     if not dest.is_dir():
-        spec = resolve_model_name(f"{arch}-auto")
+        spec = resolve_model_name(name)
         choice = sensitivity_report(arch, budget=Budget(max_fraction=fraction), clips=clips)
         stage = CompressionStage(spec.precision, load_architecture_weights(arch), choice.rules)
         build_model(spec, dest=dest, stages=[stage])
