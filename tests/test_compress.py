@@ -301,3 +301,20 @@ def test_kmeans_tables_are_optimal_deterministic_and_fast(tiny_weights):
     again = OptimalLut(4)(rows[0])
     solved = OptimalLut(4)._solve(np.ascontiguousarray(rows[0]).ravel())
     assert np.array_equal(again[0], solved[0]) and np.array_equal(again[1], solved[1])
+
+
+def test_the_manifest_records_what_each_weight_became():
+    """A model says per layer what it is made of (`wruntime inspect`), fallbacks included."""
+    from wruntime.build.pipeline import inspect_model
+
+    model = _model("tiny.en-int4")
+    record = model.manifest["compression"]
+    layers = record["layers"]
+    assert layers["encoder.blocks.0.mlp.0.weight"] == "int4/32"
+    assert layers["decoder.token_embedding.weight[0:12966]"] == "int8"  # the recipe's rule
+    assert layers["encoder.conv1.weight"] == "int8"  # 80 mel inputs cannot take blocks of 32
+    assert record["seconds"] > 0
+    summary = inspect_model("tiny.en-int4")["compression"]
+    assert sum(summary["weights_per_rule"].values()) == len(layers)
+    assert set(summary["weights_per_rule"]) == {"int4/32", "int8"}
+    assert "compression" not in _model("tiny.en-fp16").manifest

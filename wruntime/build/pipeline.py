@@ -227,7 +227,11 @@ def build_model(
                 f"The weights at {w.source} carry no tokenizer files (tokenizer.json, "
                 "vocabulary.*); a model directory needs the model's own vocabulary."
             )
-        manifest = write_manifest(tmp, _manifest(plan, w, tmp, targets, batches, started))
+        fields = _manifest(plan, w, tmp, targets, batches, started)
+        compression = _compression_record(package_stages)
+        if compression:
+            fields["compression"] = compression
+        manifest = write_manifest(tmp, fields)
         load_model_dir(tmp, verify=False)  # the names, sizes and checksum we just wrote
         # The files were hashed a moment ago: stamp them so the first load skips hashing
         # (the stamp holds relative paths and mtimes, which the rename keeps).
@@ -237,6 +241,24 @@ def build_model(
         publish(tmp, dest_path, replace=force or (repair and not _usable(dest_path)))
         report("Done", total, total)
     return dest_path
+
+
+def _compression_record(stages: Sequence[Any]) -> dict[str, Any] | None:
+    """What each weight was stored as (layer -> rule label), and how long compressing took.
+
+    An auto model's bits were chosen per layer from measurements: the manifest says
+    which, so a model can be inspected (and compared) without the sensitivity table.
+    """
+    layers: dict[str, str] = {}
+    seconds = 0.0
+    for stage in stages:
+        for entry in getattr(stage, "report", {}).values():
+            seconds += entry.get("seconds", 0.0)
+            for row in entry.get("weights", []):
+                layers.setdefault(row["layer"], row["rule"])
+    if not layers:
+        return None
+    return {"seconds": round(seconds, 2), "layers": layers}
 
 
 def _manifest(
@@ -501,6 +523,19 @@ def inspect_model(name_or_path: str) -> dict[str, Any]:
         "builder_version": m["builder_version"],
         "coremltools_version": m["coremltools_version"],
         "weights_source": m["weights_source"],
+        **({"compression": _compression_summary(m["compression"])} if m.get("compression") else {}),
+    }
+
+
+def _compression_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """How many weights, and how many parameters, went to each rule."""
+    counts: dict[str, int] = {}
+    for rule in record["layers"].values():
+        counts[rule] = counts.get(rule, 0) + 1
+    return {
+        "seconds": record["seconds"],
+        "weights_per_rule": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "layers": record["layers"],
     }
 
 
