@@ -281,3 +281,21 @@ def test_probe_windows_pack_clips_into_as_few_encoder_windows_as_fit():
         windows = probe_windows(long)
         assert len(windows) == -(-len(whole) // N_SAMPLES)
         assert np.array_equal(np.concatenate(windows)[: len(whole)], whole)
+
+
+def test_the_default_probe_ships_in_the_package_and_is_the_test_clips():
+    """models/probe (in the wheel) holds the test clips at 16 kHz: one encoder window."""
+    from conftest import CLIPS
+
+    from wruntime.audio import load_audio
+    from wruntime.build.sensitivity import default_clips, probe_windows
+    from wruntime.catalog import data_dir
+
+    clips = default_clips()
+    assert [c.parent for c in clips] == [data_dir() / "probe"] * 3
+    originals = {CLIPS[k][0].stem: load_audio(CLIPS[k][0]) for k in CLIPS}
+    for clip in clips:
+        ours, theirs = load_audio(clip), originals[clip.stem]
+        assert ours.shape == theirs.shape
+        assert np.max(np.abs(ours - theirs)) < 1e-4  # 16-bit storage of the same speech
+    assert len(probe_windows(clips)) == 1

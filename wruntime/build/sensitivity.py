@@ -93,13 +93,16 @@ GAP_SECONDS = 0.5
 #: Tokens the reference decodes per window (openai-whisper's own sample length).
 PROBE_TOKENS = 224
 
-_ROOT = Path(__file__).resolve().parents[2]
-
 
 def default_clips() -> list[Path]:
-    """The committed test clips of a checkout (real speech, 3 to 11 s)."""
-    data = _ROOT / "tests" / "data"
-    clips = sorted(p for p in data.glob("*") if p.suffix in (".flac", ".wav"))
+    """The catalog's probe clips (models/probe: 16 s of real speech, one window).
+
+    They ship inside the package, so `--model tiny.en-auto@0.3` builds from an installed
+    wheel too, not only from a checkout.
+    """
+    from wruntime.catalog import data_dir
+
+    clips = sorted((data_dir() / "probe").glob("*.flac"))
     if not clips:
         raise WruntimeError("No clips to measure sensitivity on: pass some audio files.")
     return clips
