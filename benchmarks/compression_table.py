@@ -185,9 +185,10 @@ def main() -> None:
         texts[name] = _transcripts(name, items, True, str(path))
     refs = {it.key: it.reference for it in items}
     job = RESULTS / f".compression_job_{args.arch}.json"
-    held_out = [it.key for it in calibration]
+    calibration_keys = {it.key for it in calibration}
     job.write_text(
-        json.dumps({"texts": texts, "refs": refs, "calibration": held_out}), encoding="utf-8"
+        json.dumps({"texts": texts, "refs": refs, "calibration": sorted(calibration_keys)}),
+        encoding="utf-8",
     )
     wers = run_peer(Path(__file__).resolve(), ["--job", str(job)])
     job.unlink()
@@ -211,7 +212,7 @@ def main() -> None:
         (
             f"Calibration: the auto models' sensitivity is measured on the {len(calibration)} "
             f"files under {', '.join(sorted(folders))}; 'WER held out' leaves them out "
-            f"({len(items) - len(calibration)} files)."
+            f"({sum(it.key not in calibration_keys for it in items)} files)."
             if calibration
             else ""
         ),
