@@ -499,9 +499,9 @@ def measure_sensitivity(
     ]
     variable = float(sum(pw.size * 2 * copies for _, copies, pw, _ in searched))
 
-    # Bits and weight noise of every new candidate (cheap next to a forward pass),
-    # then what is left to measure.
-    # Bits and noise depend on the weights alone, not the clips: kept in their own cache.
+    # Bits and weight noise of every new candidate (k-means tables: on a fresh cache the
+    # longest part of a pass), then what is left to measure. They depend on the weights
+    # alone, not the clips, so they have their own cache.
     noise_path = _noise_cache_path(arch, fixed)
     noise_cache: dict[str, dict[str, list[float]]] = {}
     if cache and noise_path.is_file():
