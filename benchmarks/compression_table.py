@@ -66,6 +66,11 @@ def _transcripts(model: str, items: list, fp16: bool, source: str | None = None)
     return {it.key: done[it.key] for it in items}
 
 
+def _columns(calibrated: bool) -> tuple[str, ...]:
+    """The WER columns: per group, all, and with a calibration set the files it left out."""
+    return (*GROUPS, "all", "held out") if calibrated else (*GROUPS, "all")
+
+
 def _auto_variant(arch: str, fraction: float, clips: list[Path] | None = None) -> Path:
     """The auto model for a size budget: `<arch>-auto@<fraction>`, as `--model` builds it.
 
@@ -100,8 +105,8 @@ def peer_worker(args: argparse.Namespace) -> None:
     out: dict[str, dict[str, float]] = {}
     for model, texts in job["texts"].items():
         out[model] = {}
-        held = set(texts) - set(job.get("calibration", []))
-        for group in (*GROUPS, "all", "held out"):
+        held = set(texts) - set(job["calibration"])
+        for group in _columns(bool(job["calibration"])):
             keys = [
                 k
                 for k in texts
@@ -225,13 +230,12 @@ def main() -> None:
         + "| loops |",
         "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if calibration else "") + "---:|",
     ]
-    shown = (*GROUPS, "all", "held out") if calibration else (*GROUPS, "all")
     for name, row in rows.items():
         w = wers.get(name, {})
         ratio = f"{row['size_mb'] / base:.2f}" if base else "-"
         lines.append(
             f"| {name} | {row['target']} | {row['size_mb']:.1f} | {ratio} | {row['build_s']:.0f} | "
-            + " | ".join(f"{w[g]:.2f}" if g in w else "-" for g in shown)
+            + " | ".join(f"{w[g]:.2f}" if g in w else "-" for g in _columns(bool(calibration)))
             + f" | {sum(_looped(t) for t in texts[name].values())} |"
         )
     table = "\n".join(lines) + "\n"

@@ -241,3 +241,11 @@ def test_an_auto_model_name_can_carry_a_size_budget():
     ]:
         with pytest.raises(ModelNameError, match=why):
             catalog.resolve_model_name(bad)
+    # The CLI names what it builds with the same form the parser reads back.
+    for fraction, mb, budget in [
+        (0.3, None, Budget(max_fraction=0.3)),
+        (None, 40, Budget(max_mb=40)),
+    ]:
+        name = "tiny.en-auto" + catalog.budget_suffix(fraction, mb)
+        spec = catalog.resolve_model_name(name).precision.sensitivity["budget"]
+        assert Budget.from_spec(spec) == budget

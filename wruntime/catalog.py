@@ -287,6 +287,14 @@ def resolve_model_name(name: str) -> ModelSpec:
 _BUDGET = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<mb>mb)?$")
 
 
+def budget_suffix(max_fraction: float | None = None, max_mb: float | None = None) -> str:
+    """The ``@<budget>`` a model name carries for a size budget ("" for none): `_budgeted`
+    reads it back."""
+    if max_fraction is not None:
+        return f"@{max_fraction:g}"
+    return f"@{max_mb:g}mb" if max_mb is not None else ""
+
+
 def _budgeted(name: str, text: str) -> ModelSpec:
     """`<architecture>-auto@<budget>`: a searched precision built to a size budget.
 

@@ -594,17 +594,15 @@ def sensitivity_cmd(
         if build and choice.met:
             from wruntime.build import build_model
             from wruntime.build.compress import CompressionStage
-            from wruntime.catalog import load_architecture_weights, resolve_model_name
+            from wruntime.catalog import (
+                budget_suffix,
+                load_architecture_weights,
+                resolve_model_name,
+            )
 
             # A size budget names its own model (tiny.en-auto@0.3, what `--model` takes);
             # an error budget replaces the catalog's `auto`.
-            name = f"{architecture}-auto" + (
-                f"@{max_fraction:g}"
-                if max_fraction is not None
-                else f"@{max_mb:g}mb"
-                if max_mb is not None
-                else ""
-            )
+            name = f"{architecture}-auto" + budget_suffix(max_fraction, max_mb)
             weights = load_architecture_weights(architecture)
             stage = CompressionStage(resolve_model_name(name).precision, weights, choice.rules)
             path = build_model(

@@ -528,7 +528,7 @@ def inspect_model(name_or_path: str) -> dict[str, Any]:
 
 
 def _compression_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """How many weights, and how many parameters, went to each rule."""
+    """The manifest's record with a count of weights per rule, most used first."""
     counts: dict[str, int] = {}
     for rule in record["layers"].values():
         counts[rule] = counts.get(rule, 0) + 1

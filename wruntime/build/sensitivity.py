@@ -372,8 +372,12 @@ def _write_atomic(path: Path, text: str) -> None:
     """A cache file is whole or absent: an interrupted pass leaves no half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _labels_to_measure(
