@@ -299,3 +299,40 @@ def test_the_default_probe_ships_in_the_package_and_is_the_test_clips():
         assert ours.shape == theirs.shape
         assert np.max(np.abs(ours - theirs)) < 1e-4  # 16-bit storage of the same speech
     assert len(probe_windows(clips)) == 1
+
+
+def test_the_probe_reference_decodes_with_timestamps_and_hears_every_packed_clip(tiny_weights):
+    """The KL is measured against transcribe's default mode, timestamps and all, and
+    the reference reaches the window's last clip: left to end when it likes, whisper
+    takes the pause after the first clip for the end of the speech."""
+    from wruntime import oracle
+    from wruntime.build.sensitivity import _pack, _Probe, _reference_rules, default_clips
+    from wruntime.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(
+        list(tiny_weights.tokenizer_files.values()), multilingual=False, num_languages=None
+    )
+    clips = default_clips()
+    ((_, middle),) = _pack(clips)
+    assert 15.0 < middle < 17.0  # 11 s + pause + 3.3 s + pause, then half of 2 s
+    probe = _Probe(tiny_weights, clips)
+    ((_, feats, seq, logp),) = probe.items
+    assert logp.shape == (len(seq), tiny_weights.dims.n_vocab)
+    sampled = seq[len(tok.sot_sequence) :]
+    assert sampled[0] >= tok.timestamp_begin  # it opens with a timestamp
+    assert tok.no_timestamps not in seq
+    assert np.sum(sampled >= tok.timestamp_begin) >= 4  # a segment per clip, at least
+    text = tok.decode([t for t in sampled if t < tok.eot]).lower()
+    for word in ("country", "belly", "experience"):  # one word of each clip
+        assert word in text
+
+    free = oracle.greedy_tokens(
+        probe.base,
+        None,
+        list(tok.sot_sequence),
+        audio_features=feats,
+        mask=_reference_rules(tok, 0.0),  # the end allowed from the first timestamp on
+    )
+    heard = tok.decode([t for t in free if t < tok.eot]).lower()
+    assert "country" in heard and "belly" not in heard
+    assert len(free) < len(sampled)

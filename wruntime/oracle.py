@@ -20,6 +20,7 @@ It imports only canonical weights and the interface constants: stages before
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -321,6 +322,7 @@ def greedy_tokens(
     max_tokens: int = 224,
     eot: int | None = None,
     audio_features: ArrayLike | None = None,
+    mask: Callable[[Sequence[int], NDArray[np.float32]], None] | None = None,
 ) -> list[int]:
     """Plain argmax decoding of one window, no logit filters: the reference for comparisons.
 
@@ -328,6 +330,10 @@ def greedy_tokens(
     the prompt in one call, then one token per call through a full-length
     (n_text_ctx) cache, the way the packaged decoder is driven. Pass
     ``audio_features`` (from ``encode``) to skip the encoder; ``mel`` may then be None.
+
+    ``mask(generated, logits)``, if given, may set the next token's logits to -inf in
+    place before the argmax, knowing the tokens generated so far: a caller's own few
+    rules (no <|notimestamps|>, a timestamp first), not the decoder's full grammar.
     """
     eot = default_eot(weights) if eot is None else eot
     dims = weights.dims
@@ -349,7 +355,11 @@ def greedy_tokens(
         k_cache[..., positions] = out.k_new
         v_cache[..., positions] = out.v_new
         pos += len(step_tokens)
-        nxt = int(np.argmax(out.logits[0, -1]))
+        row = out.logits[0, -1]
+        if mask is not None:
+            row = row.copy()
+            mask(generated, row)
+        nxt = int(np.argmax(row))
         if nxt == eot:
             break
         generated.append(nxt)

@@ -9,7 +9,8 @@ packed end to end into 30-second windows (`probe_windows`), since the encoder pa
 for a whole window however short the clip. The error is the KL divergence of the
 decoder's next-token distribution from the uncompressed (fp16-rounded) model's,
 over the tokens the uncompressed model itself decodes (teacher forcing), averaged
-over every decoded position.
+over every decoded position. That reference decodes with timestamps, as
+`transcribe` does by default, so the segment ends are measured too.
 
 Measuring every candidate of every layer would cost one forward pass each; by
 default a layer is measured with its most aggressive candidate and its median one
@@ -42,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +60,9 @@ from wruntime.build.compress import (
 from wruntime.catalog import CompressionRule, PrecisionSpec
 from wruntime.errors import WruntimeError
 from wruntime.weights.canonical import WhisperWeights
+
+if TYPE_CHECKING:
+    from wruntime.tokenizer import Tokenizer
 
 __all__ = [
     "Budget",
@@ -268,6 +272,11 @@ def probe_windows(clips: Sequence[Path]) -> list[np.ndarray]:
     times more speech, and the KL averages over that many more decoded tokens. A clip
     longer than a window is cut into windows of its own.
     """
+    return [audio for audio, _ in _pack(clips)]
+
+
+def _pack(clips: Sequence[Path]) -> list[tuple[np.ndarray, float]]:
+    """`probe_windows`, each window with the second its last piece is halfway through."""
     from wruntime.audio import SAMPLE_RATE, load_audio
     from wruntime.features import N_SAMPLES, pad_or_trim
 
@@ -288,7 +297,39 @@ def probe_windows(clips: Sequence[Path]) -> list[np.ndarray]:
             slot = len(windows) - 1
         windows[slot] += [gap, piece] if windows[slot] else [piece]
         room[slot] -= need
-    return [pad_or_trim(np.concatenate(w)) for w in windows]
+    return [
+        (pad_or_trim(np.concatenate(w)), (sum(map(len, w)) - len(w[-1]) / 2) / SAMPLE_RATE)
+        for w in windows
+    ]
+
+
+def _reference_rules(
+    tokenizer: Tokenizer, last_middle: float
+) -> Callable[[Sequence[int], np.ndarray], None]:
+    """What the reference decode of a packed window may not pick next.
+
+    The probe decodes with timestamps, as `transcribe` does by default: the segment
+    ends (a timestamp after text, then the next segment or the end) are where a
+    weakened model repeats its last sentence, and decoding without timestamps never
+    asks for them. Two rules a plain argmax needs to stay in that mode: never
+    <|notimestamps|>, and a timestamp first. And one the packing needs: no end
+    before a timestamp passes the middle of the window's last clip (the end of its
+    segment, not the start). Whisper takes the pause after a clip for the end of
+    the speech, and the clips after it would go unheard.
+    """
+    from wruntime.tokenizer import TIMESTAMP_STEP
+
+    first_ts, eot, none = tokenizer.timestamp_begin, tokenizer.eot, tokenizer.no_timestamps
+    last_index = int(last_middle / TIMESTAMP_STEP)
+
+    def rules(generated: Sequence[int], logits: np.ndarray) -> None:
+        logits[none] = -np.inf
+        if not generated:
+            logits[:first_ts] = -np.inf
+        if not any(t >= first_ts + last_index for t in generated):
+            logits[eot] = -np.inf
+
+    return rules
 
 
 class _Probe:
@@ -307,13 +348,18 @@ class _Probe:
             multilingual=dims.is_multilingual,
             num_languages=None,
         )
-        sot = list(tokenizer.sot_sequence_including_notimestamps)
+        sot = list(tokenizer.sot_sequence)
         self.items = []
-        for audio in probe_windows(clips):
+        for audio, last_middle in _pack(clips):
             mel = log_mel_spectrogram(audio, dims.n_mels)
             feats = oracle.encode(self.base, mel)
             tokens = oracle.greedy_tokens(
-                self.base, None, sot, max_tokens=PROBE_TOKENS, audio_features=feats
+                self.base,
+                None,
+                sot,
+                max_tokens=PROBE_TOKENS,
+                audio_features=feats,
+                mask=_reference_rules(tokenizer, last_middle),
             )
             seq = np.array(sot + tokens, dtype=np.int64)
             logp = self._logp(self.base, seq, feats)
@@ -350,7 +396,9 @@ def _cache_path(
     what: dict[str, Any] = {
         "arch": arch,
         "clips": sorted(str(Path(c).resolve()) for c in clips),  # packed: order is moot
-        "v": 3,  # 3: clips packed into windows, KL averaged over all decoded positions
+        # 3: clips packed into windows, KL averaged over all decoded positions;
+        # 4: the reference decodes with timestamps, every packed clip heard
+        "v": 4,
     }
     if fixed:
         what["fixed"] = [r.to_dict() for r in fixed]
