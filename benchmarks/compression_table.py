@@ -77,21 +77,17 @@ def _auto_variant(arch: str, fraction: float, clips: list[Path] | None = None) -
     With ``clips`` the sensitivity is measured on them (a calibration set) instead of
     the committed test clips, and the model is named ``<arch>-auto@<fraction>-cal``.
     """
-    from wruntime.build.compress import CompressionStage
     from wruntime.build.model_dir import models_root
     from wruntime.build.pipeline import build_model, ensure_model
     from wruntime.build.sensitivity import Budget, sensitivity_report
-    from wruntime.catalog import load_architecture_weights, resolve_model_name
 
     name = f"{arch}-auto@{fraction:g}"
     if not clips:
         return Path(ensure_model(name, progress=True).path)
     dest = models_root() / f"{name}-cal"
     if not dest.is_dir():
-        spec = resolve_model_name(name)
         choice = sensitivity_report(arch, budget=Budget(max_fraction=fraction), clips=clips)
-        stage = CompressionStage(spec.precision, load_architecture_weights(arch), choice.rules)
-        build_model(spec, dest=dest, stages=[stage])
+        build_model(name, dest=dest, choices=choice.rules)
     return dest
 
 

@@ -318,3 +318,35 @@ def test_the_manifest_records_what_each_weight_became():
     assert sum(summary["weights_per_rule"].values()) == len(layers)
     assert set(summary["weights_per_rule"]) == {"int4/32", "int8"}
     assert "compression" not in _model("tiny.en-fp16").manifest
+
+
+def test_an_auto_model_builds_from_a_choice_made_elsewhere(tmp_path):
+    """`build_model(choices=)`: the per-layer rules a caller chose (on its own clips or
+    budget: `sensitivity --build`, the compression benchmark) are what the model stores,
+    and nothing is measured at build time."""
+    from wruntime.build.model_dir import load_model_dir, wruntime_home
+    from wruntime.build.pipeline import build_model
+
+    int8 = CompressionRule.from_dict(
+        {
+            "target": "global",
+            "kind": "linear_quantize",
+            "dtype": "int8",
+            "mode": "linear_symmetric",
+            "granularity": "per_channel",
+        },
+        "test",
+    )
+    chosen = ["encoder.blocks.0.mlp.0.weight", "decoder.blocks.1.attn.out.weight"]
+    tables = wruntime_home() / "sensitivity"
+    before = sorted(tables.glob("*")) if tables.is_dir() else []
+    path = build_model(
+        "tiny.en-auto@0.3", dest=tmp_path / "auto", choices=dict.fromkeys(chosen, int8)
+    )
+    after = sorted(tables.glob("*")) if tables.is_dir() else []
+    assert after == before  # no sensitivity pass ran
+    model = load_model_dir(path)
+    layers = model.manifest["compression"]["layers"]
+    assert {k: v for k, v in layers.items() if v != "fp16"} == dict.fromkeys(chosen, "int8")
+    assert len(layers) > 50  # every compressible weight is accounted for, kept ones too
+    assert model.name == "tiny.en-auto@0.3"

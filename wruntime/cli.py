@@ -593,20 +593,18 @@ def sensitivity_cmd(
             )
         if build and choice.met:
             from wruntime.build import build_model
-            from wruntime.build.compress import CompressionStage
-            from wruntime.catalog import (
-                budget_suffix,
-                load_architecture_weights,
-                resolve_model_name,
-            )
+            from wruntime.catalog import budget_suffix, load_architecture_weights
 
             # A size budget names its own model (tiny.en-auto@0.3, what `--model` takes);
             # an error budget replaces the catalog's `auto`.
             name = f"{architecture}-auto" + budget_suffix(max_fraction, max_mb)
             weights = load_architecture_weights(architecture)
-            stage = CompressionStage(resolve_model_name(name).precision, weights, choice.rules)
             path = build_model(
-                name, weights=weights, force=True, stages=[stage], progress=_build_progress(name)
+                name,
+                weights=weights,
+                force=True,
+                choices=choice.rules,
+                progress=_build_progress(name),
             )
             out.print(f"Built {name}: {path}", markup=False)
         if not choice.met:

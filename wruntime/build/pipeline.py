@@ -17,10 +17,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wruntime.build import interface as io
 from wruntime.build.model_dir import (
@@ -43,6 +43,9 @@ from wruntime.build.model_dir import (
 )
 from wruntime.errors import ModelDirectoryError, WeightsError, WruntimeError
 from wruntime.weights.canonical import WhisperWeights
+
+if TYPE_CHECKING:
+    from wruntime.catalog import CompressionRule
 
 #: progress(description, stage number (1-based), number of stages); called as each
 #: stage starts, and once more with (description, total, total) when all are done.
@@ -104,13 +107,14 @@ def compression_stages(
     spec: Any,
     weights: WhisperWeights | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    choices: Mapping[str, CompressionRule] | None = None,
 ) -> list[PackageStage]:
     """The package stages a precision's recipe needs (none for fp32 / fp16)."""
     if not plan.compressed:
         return []
     from wruntime.build.compress import compression_stages as recipe_stages
 
-    return list(recipe_stages(spec.precision, weights, progress=progress))
+    return list(recipe_stages(spec.precision, weights, choices, progress=progress))
 
 
 def _resolve_weights(plan: BuildPlan, spec: Any, weights: Any) -> WhisperWeights:
@@ -141,6 +145,7 @@ def build_model(
     force: bool = False,
     progress: Progress | None = None,
     stages: Sequence[PackageStage] | None = None,
+    choices: Mapping[str, CompressionRule] | None = None,
     stateful: bool = True,
     split_logits: bool = False,
 ) -> Path:
@@ -150,6 +155,8 @@ def build_model(
     None finds them through the catalog. ``dest`` defaults to the cache
     (`model_path(name)`); an existing directory is kept unless ``force``.
     ``stages`` replaces the precision's compression stages (for experiments).
+    ``choices``: an auto precision's per-layer rules, already chosen
+    (`sensitivity.choose`, on the caller's clips or budget): no search at build time.
     An existing directory that is damaged or from another builder version is
     rebuilt even without ``force``. ``progress``: see `Progress` (and
     `rich_progress` for a ready-made bar).
@@ -175,7 +182,9 @@ def build_model(
         report(f"Measuring layer sensitivity {done}/{todo} {layer}".rstrip(), 1, total)
 
     package_stages = (
-        list(stages) if stages is not None else compression_stages(plan, spec, w, measuring)
+        list(stages)
+        if stages is not None
+        else compression_stages(plan, spec, w, measuring, choices)
     )
     target = plan.deployment_target
     stateful_target = _stateful_target(target)
