@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from wruntime.atomic import write_text
 from wruntime.build import interface as io
 from wruntime.errors import ModelDirectoryError
 from wruntime.weights.canonical import ModelDims
@@ -174,13 +175,8 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write manifest.json (with its checksum) atomically; returns what was written."""
     manifest = dict(manifest)
     manifest["manifest_sha256"] = manifest_checksum(manifest)
-    tmp = directory / (io.MANIFEST_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / io.MANIFEST_FILE)
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    write_text(directory / io.MANIFEST_FILE, text, durable=True)
     return manifest
 
 
@@ -317,10 +313,8 @@ def write_stamp(path: Path, manifest: Mapping[str, Any]) -> None:
         "manifest_sha256": manifest.get("manifest_sha256"),
         "files": _stat_table(path, _all_listed(manifest)),
     }
-    tmp = path / (STAMP_FILE + ".tmp")
     with contextlib.suppress(OSError):  # a read-only cache just re-hashes next time
-        tmp.write_text(json.dumps(stamp))
-        os.replace(tmp, path / STAMP_FILE)
+        write_text(path / STAMP_FILE, json.dumps(stamp))
 
 
 def _stamp_matches(path: Path, manifest: Mapping[str, Any], listed: Mapping[str, Any]) -> bool:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wruntime.atomic import write_text
 from wruntime.build.compress import (
     KEEP,
     PackageWeight,
@@ -416,18 +416,6 @@ def _noise_cache_path(arch: str, fixed: Sequence[CompressionRule] = ()) -> Path:
     return wruntime_home() / "sensitivity" / f"{arch}-noise-{digest}.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """A cache file is whole or absent: an interrupted pass leaves no half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _labels_to_measure(
     row: LayerSensitivity, rules: dict[str, CompressionRule], share: float, exhaustive: bool
 ) -> list[str]:
@@ -578,7 +566,8 @@ def measure_sensitivity(
             row.bits[label], row.noise[label] = known_noise[label]
         rows[pw.layer] = row
     if cache:
-        _write_atomic(noise_path, json.dumps(noise_cache))
+        noise_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(noise_path, json.dumps(noise_cache))
     todo = [
         (package, pw, value)
         for package, _, pw, value in searched
@@ -634,7 +623,8 @@ def measure_sensitivity(
         seconds=round(spent + time.perf_counter() - started, 1),
     )
     if layers is None and cache:
-        _write_atomic(path, json.dumps(table.to_json(), indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(table.to_json(), indent=1))
     return view(table)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from wruntime.atomic import atomic_write
 from wruntime.errors import WruntimeError
 from wruntime.profile import OTHER, ProfileReport, RunProfile
 
@@ -194,29 +194,11 @@ def matrix_table(matrix: Any) -> Table:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Any, mode: str = "w") -> None:
-    """Write through a temporary file in the same directory, then rename (never half-written)."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise WruntimeError(f"Cannot write {path}: the directory {path.parent} does not exist.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """JSON with NaN written as null (JSON has no NaN)."""
     clean = _clean(data)
     out = Path(path)
-    _atomic_write(out, lambda f: json.dump(clean, f, indent=2, ensure_ascii=False))
+    atomic_write(out, lambda f: json.dump(clean, f, indent=2, ensure_ascii=False))
     return out
 
 
@@ -302,7 +284,7 @@ def save_png(report_or_matrix: Any, path: str | os.PathLike[str]) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
-    _atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
     return out
 
