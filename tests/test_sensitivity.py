@@ -317,7 +317,9 @@ def test_the_probe_reference_decodes_with_timestamps_and_hears_every_packed_clip
     assert 15.0 < middle < 17.0  # 11 s + pause + 3.3 s + pause, then half of 2 s
     probe = _Probe(tiny_weights, clips)
     ((_, feats, seq, logp),) = probe.items
-    assert logp.shape == (len(seq), tiny_weights.dims.n_vocab)
+    # Text tokens and the end token one by one, the timestamps as one outcome.
+    assert logp.shape == (len(seq), tok.timestamp_begin + 1)
+    np.testing.assert_allclose(np.exp(logp).sum(axis=-1), 1.0, rtol=1e-9)
     sampled = seq[len(tok.sot_sequence) :]
     assert sampled[0] >= tok.timestamp_begin  # it opens with a timestamp
     assert tok.no_timestamps not in seq
