@@ -176,12 +176,15 @@ def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
     out_json = tmp_path / "table.json"
     layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12966]"]
     args = ["sensitivity", "tiny.en", "--clip", str(CLIPS["experience"][0]), "--max-kl", "1"]
+    args += ["--no-probe-timestamps"]
     for name in layers:
         args += ["--layer", name]
     result = runner.invoke(app, [*args, "--json", str(out_json)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "kl[int8]" in result.stdout and "meets the budget" in result.stdout
-    rows = json.loads(out_json.read_text())["rows"]
+    saved = json.loads(out_json.read_text())
+    assert saved["probe_timestamps"] is False
+    rows = saved["rows"]
     measured = {r["layer"]: r for r in rows if "kl[int8]" in r}
     assert set(measured) == set(layers)
     emb = measured[layers[1]]
@@ -338,3 +341,15 @@ def test_the_probe_reference_decodes_with_timestamps_and_hears_every_packed_clip
     heard = tok.decode([t for t in free if t < tok.eot]).lower()
     assert "country" in heard and "belly" not in heard
     assert len(free) < len(sampled)
+
+    # Without timestamps (`probe_timestamps: false`): the whole vocabulary, and nothing
+    # to tell how far the decode has got, so it ends where whisper likes.
+    plain = _Probe(tiny_weights, clips, timestamps=False)
+    ((_, _, seq, logp),) = plain.items
+    assert list(seq[: len(tok.sot_sequence_including_notimestamps)]) == list(
+        tok.sot_sequence_including_notimestamps
+    )
+    assert logp.shape == (len(seq), tiny_weights.dims.n_vocab)
+    sampled = seq[len(tok.sot_sequence_including_notimestamps) :]
+    assert not np.any(sampled >= tok.timestamp_begin)
+    assert "country" in tok.decode(list(sampled)).lower()

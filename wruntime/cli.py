@@ -497,6 +497,13 @@ def sensitivity_cmd(
     layer: Annotated[
         list[str] | None, typer.Option(help="Measure only these weights (a quick look).")
     ] = None,
+    probe_timestamps: Annotated[
+        bool | None,
+        typer.Option(
+            "--probe-timestamps/--no-probe-timestamps",
+            help="Decode the clips with timestamps, as transcribe does (default: the catalog's).",
+        ),
+    ] = None,
     build: Annotated[
         bool, typer.Option("--build", help="Build <architecture>-auto with the choice.")
     ] = False,
@@ -514,7 +521,12 @@ def sensitivity_cmd(
     """
 
     def action() -> None:
-        from wruntime.build.sensitivity import Budget, choose, measure_sensitivity
+        from wruntime.build.sensitivity import (
+            Budget,
+            choose,
+            measure_sensitivity,
+        )
+        from wruntime.build.sensitivity import probe_timestamps as catalog_timestamps
         from wruntime.catalog import architecture as find_architecture
         from wruntime.catalog import precisions
 
@@ -526,6 +538,7 @@ def sensitivity_cmd(
         find_architecture(architecture)  # unknown names fail here, listing the valid ones
         spec = precisions()["auto"]
         search = spec.sensitivity or {}
+        timestamps = catalog_timestamps(spec) if probe_timestamps is None else probe_timestamps
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -555,6 +568,7 @@ def sensitivity_cmd(
                 fixed=spec.compression,
                 clips=clip or None,
                 layers=layer or None,
+                timestamps=timestamps,
                 log=lambda line: bar.console.print(line, markup=False),
                 progress=advance,
             )
@@ -589,7 +603,13 @@ def sensitivity_cmd(
             from wruntime.profile.report import write_json
 
             write_json(
-                {"budget": budget.describe(), "met": choice.met, "rows": choice.rows()}, json_out
+                {
+                    "budget": budget.describe(),
+                    "met": choice.met,
+                    "probe_timestamps": timestamps,
+                    "rows": choice.rows(),
+                },
+                json_out,
             )
         if build and choice.met:
             from wruntime.build import build_model

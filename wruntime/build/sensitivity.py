@@ -336,7 +336,9 @@ def _reference_rules(
 class _Probe:
     """The reference forward pass on a few clips, and the KL of a perturbed model from it."""
 
-    def __init__(self, weights: WhisperWeights, clips: Sequence[Path]) -> None:
+    def __init__(
+        self, weights: WhisperWeights, clips: Sequence[Path], timestamps: bool = True
+    ) -> None:
         from wruntime import oracle
         from wruntime.features import log_mel_spectrogram
         from wruntime.tokenizer import get_tokenizer
@@ -349,8 +351,12 @@ class _Probe:
             multilingual=dims.is_multilingual,
             num_languages=None,
         )
-        sot = list(tokenizer.sot_sequence)
-        self.first_ts = tokenizer.timestamp_begin
+        if timestamps:
+            sot = list(tokenizer.sot_sequence)
+            self.first_ts: int | None = tokenizer.timestamp_begin
+        else:  # no rules: nothing tells how far into the window the decode has got
+            sot = list(tokenizer.sot_sequence_including_notimestamps)
+            self.first_ts = None
         self.items = []
         for audio, last_middle in _pack(clips):
             mel = log_mel_spectrogram(audio, dims.n_mels)
@@ -361,7 +367,7 @@ class _Probe:
                 sot,
                 max_tokens=PROBE_TOKENS,
                 audio_features=feats,
-                mask=_reference_rules(tokenizer, last_middle),
+                mask=_reference_rules(tokenizer, last_middle) if timestamps else None,
             )
             seq = np.array(sot + tokens, dtype=np.int64)
             logp = self._logp(self.base, seq, feats)
@@ -382,10 +388,10 @@ class _Probe:
         30% model paid for them with encoder bits: +2.0 WER points against +0.9.
         """
         logits = self.oracle.logits_for_sequence(w, seq, feats).astype(np.float64)
-        merged = np.concatenate(
-            [logits[:, : self.first_ts], self._log_sum_exp(logits[:, self.first_ts :])], axis=-1
-        )
-        return merged - self._log_sum_exp(merged)
+        if self.first_ts is not None:
+            ts = self.first_ts
+            logits = np.concatenate([logits[:, :ts], self._log_sum_exp(logits[:, ts:])], axis=-1)
+        return logits - self._log_sum_exp(logits)
 
     def kl(self, weights: WhisperWeights, encoder_changed: bool) -> float:
         """Mean KL per decoded position, over every window's positions together."""
@@ -403,6 +409,7 @@ def _cache_path(
     arch: str,
     clips: Sequence[Path],
     fixed: Sequence[CompressionRule] = (),
+    timestamps: bool = True,
 ) -> Path:
     """One file per architecture, clips and fixed rules; candidates accumulate inside it."""
     from wruntime.build.model_dir import wruntime_home
@@ -410,10 +417,10 @@ def _cache_path(
     what: dict[str, Any] = {
         "arch": arch,
         "clips": sorted(str(Path(c).resolve()) for c in clips),  # packed: order is moot
-        # 3: clips packed into windows, KL averaged over all decoded positions;
-        # 4: the reference decodes with timestamps, every packed clip heard;
-        # 5: the timestamps one outcome in the KL
-        "v": 5,
+        # 3: clips packed into windows, KL averaged over all decoded positions (still
+        # what a probe without timestamps measures); 4: the reference decodes with
+        # timestamps, every packed clip heard; 5: the timestamps one outcome in the KL
+        "v": 5 if timestamps else 3,
     }
     if fixed:
         what["fixed"] = [r.to_dict() for r in fixed]
@@ -494,6 +501,7 @@ def measure_sensitivity(
     exhaustive: bool = False,
     layers: Sequence[str] | None = None,
     cache: bool = True,
+    timestamps: bool = True,
     log: Callable[[str], None] | None = None,
     progress: SensitivityProgress | None = None,
 ) -> SensitivityTable:
@@ -502,7 +510,10 @@ def measure_sensitivity(
     ``candidates`` are rule dicts without a target (models/precisions.json's form);
     weights a ``fixed`` rule matches are taken out of the search. ``layers`` limits
     the measurement to some layer keys (for tests); the others get no error.
-    ``progress(done, total, layer)`` is called before each weight is measured and
+    ``timestamps``: the reference decodes as `transcribe` does by default, timestamps
+    and all; False decodes without them, and the decode may end before the last
+    packed clip (the precision's ``probe_timestamps``; the two rank layers
+    differently, see benchmarks/RESULTS.md). ``progress(done, total, layer)`` is called before each weight is measured and
     once at the end: the pass takes minutes, a bar beats silence. The cache keeps
     every candidate ever measured for these clips, so trying another candidate
     costs its weight noise plus the few measurements the policy asks for.
@@ -512,7 +523,7 @@ def measure_sensitivity(
     say = log or (lambda _: None)
     candidates = [dict(c) for c in candidates]
     clips = [Path(c) for c in (clips or default_clips())]
-    path = _cache_path(arch, clips, fixed)
+    path = _cache_path(arch, clips, fixed, timestamps)
     parsed = [
         CompressionRule.from_dict({"target": "global", **c}, "candidates") for c in candidates
     ]
@@ -600,7 +611,7 @@ def measure_sensitivity(
                 continue
             if probe is None:
                 say(f"reference pass on {len(clips)} clips")
-                probe = _Probe(w, clips)
+                probe = _Probe(w, clips, timestamps)
             params = dict(probe.base.params)
             _write_back(params, pw, simulate(value, effective_rule(rules[label], pw)))
             perturbed = dataclasses.replace(probe.base, params=params)
@@ -749,6 +760,7 @@ def choices_for_precision(
         spec.get("candidates", []),
         fixed=precision.compression,
         weights=weights,
+        timestamps=probe_timestamps(precision),
         log=log,
         progress=progress,
     )
@@ -764,6 +776,11 @@ def choices_for_precision(
     return choice.rules
 
 
+def probe_timestamps(precision: PrecisionSpec) -> bool:
+    """Whether a precision's search probes with timestamps (its ``probe_timestamps``)."""
+    return bool((precision.sensitivity or {}).get("probe_timestamps", True))
+
+
 def sensitivity_report(
     architecture: str,
     *,
@@ -771,6 +788,7 @@ def sensitivity_report(
     clips: Sequence[Path] | None = None,
     precision: str = "auto",
     exhaustive: bool = False,
+    timestamps: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Choice:
     """What `wruntime sensitivity ARCH` shows: the per-layer table and the choice for a budget.
@@ -791,6 +809,7 @@ def sensitivity_report(
         fixed=spec.compression,
         clips=clips,
         exhaustive=exhaustive,
+        timestamps=probe_timestamps(spec) if timestamps is None else timestamps,
         log=log,
     )
     return choose(
