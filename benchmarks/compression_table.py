@@ -71,22 +71,28 @@ def _columns(calibrated: bool) -> tuple[str, ...]:
     return (*GROUPS, "all", "held out") if calibrated else (*GROUPS, "all")
 
 
-def _auto_variant(arch: str, fraction: float, clips: list[Path] | None = None) -> Path:
+def _auto_variant(
+    arch: str, fraction: float, clips: list[Path] | None = None, timestamps: bool | None = None
+) -> Path:
     """The auto model for a size budget: `<arch>-auto@<fraction>`, as `--model` builds it.
 
     With ``clips`` the sensitivity is measured on them (a calibration set) instead of
-    the committed test clips, and the model is named ``<arch>-auto@<fraction>-cal``.
+    the catalog's probe clips, and the model is named ``<arch>-auto@<fraction>-cal``;
+    ``timestamps`` overrides the catalog's probe mode (the name gains ``-ts`` or
+    ``-nots``), so the two modes' models and transcripts never mix.
     """
     from wruntime.build.model_dir import models_root
     from wruntime.build.pipeline import build_model, ensure_model
     from wruntime.build.sensitivity import Budget, sensitivity_report
 
     name = f"{arch}-auto@{fraction:g}"
-    if not clips:
+    if not clips and timestamps is None:
         return Path(ensure_model(name, progress=True).path)
-    dest = models_root() / f"{name}-cal"
+    mode = "" if timestamps is None else "-ts" if timestamps else "-nots"
+    dest = models_root() / f"{name}{'-cal' if clips else ''}{mode}"
     if not dest.is_dir():
-        choice = sensitivity_report(arch, budget=Budget(max_fraction=fraction), clips=clips)
+        budget = Budget(max_fraction=fraction)
+        choice = sensitivity_report(arch, budget=budget, clips=clips, timestamps=timestamps)
         build_model(name, dest=dest, choices=choice.rules)
     return dest
 
@@ -130,6 +136,12 @@ def main() -> None:
         default="",
         help="manifest folders whose files the auto models' sensitivity is measured on, e.g.\n"
         "librispeech-dev-clean,librispeech-train-clean-5 (WER is then also given on the rest)",
+    )
+    ap.add_argument(
+        "--probe-timestamps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="auto models: probe with (or without) timestamps instead of the catalog's mode",
     )
     ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--answer", help=argparse.SUPPRESS)
@@ -175,7 +187,8 @@ def main() -> None:
         fp16 = spec.precision.compute_precision == "float16"
         texts[name] = _transcripts(name, items, fp16)
     for fraction in filter(None, args.auto_fractions.split(",")):
-        path = _auto_variant(args.arch, float(fraction), [it.path for it in calibration] or None)
+        clips = [it.path for it in calibration] or None
+        path = _auto_variant(args.arch, float(fraction), clips, args.probe_timestamps)
         name = path.name
         rows[name] = {
             "precision": f"auto@{fraction}",
