@@ -9,9 +9,10 @@ packed end to end into 30-second windows (`probe_windows`), since the encoder pa
 for a whole window however short the clip. The error is the KL divergence of the
 decoder's next-token distribution from the uncompressed (fp16-rounded) model's,
 over the tokens the uncompressed model itself decodes (teacher forcing), averaged
-over every decoded position. That reference decodes with timestamps, as
-`transcribe` does by default, so the segment ends are measured too; the KL
-counts the timestamps as one outcome (a segment ends here or not).
+over every decoded position. With ``timestamps`` that reference decodes as
+`transcribe` does by default, so the segment ends are measured too, and the KL
+counts the timestamps as one outcome (a segment ends here or not); the catalog's
+auto probes without them, which chose the better tiny.en models (RESULTS.md).
 
 Measuring every candidate of every layer would cost one forward pass each; by
 default a layer is measured with its most aggressive candidate and its median one
