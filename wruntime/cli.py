@@ -521,12 +521,8 @@ def sensitivity_cmd(
     """
 
     def action() -> None:
-        from wruntime.build.sensitivity import (
-            Budget,
-            choose,
-            measure_sensitivity,
-        )
-        from wruntime.build.sensitivity import probe_timestamps as catalog_timestamps
+        from wruntime.build import sensitivity as sens
+        from wruntime.build.sensitivity import Budget, choose, measure_sensitivity
         from wruntime.catalog import architecture as find_architecture
         from wruntime.catalog import precisions
 
@@ -538,7 +534,7 @@ def sensitivity_cmd(
         find_architecture(architecture)  # unknown names fail here, listing the valid ones
         spec = precisions()["auto"]
         search = spec.sensitivity or {}
-        timestamps = catalog_timestamps(spec) if probe_timestamps is None else probe_timestamps
+        timestamps = sens.probe_timestamps(spec) if probe_timestamps is None else probe_timestamps
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
