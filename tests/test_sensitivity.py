@@ -176,14 +176,14 @@ def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
     out_json = tmp_path / "table.json"
     layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12966]"]
     args = ["sensitivity", "tiny.en", "--clip", str(CLIPS["experience"][0]), "--max-kl", "1"]
-    args += ["--no-probe-timestamps"]
+    args += ["--probe", "both"]  # each mode measured, then averaged
     for name in layers:
         args += ["--layer", name]
     result = runner.invoke(app, [*args, "--json", str(out_json)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "kl[int8]" in result.stdout and "meets the budget" in result.stdout
     saved = json.loads(out_json.read_text())
-    assert saved["probe_timestamps"] is False
+    assert saved["probe"] == "both"
     rows = saved["rows"]
     measured = {r["layer"]: r for r in rows if "kl[int8]" in r}
     assert set(measured) == set(layers)
@@ -196,6 +196,46 @@ def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
     assert partial.exit_code == 1 and "--build needs the whole table" in partial.stderr
     unknown = runner.invoke(app, ["sensitivity", "tiny.xx"])
     assert unknown.exit_code == 1 and len(unknown.stderr.strip().splitlines()) == 1
+    sideways = runner.invoke(app, ["sensitivity", "tiny.en", "--probe", "sideways"])
+    assert sideways.exit_code == 1 and "text, timestamps, both" in sideways.stderr
+
+
+def test_the_both_probe_weighs_each_mode_the_same():
+    """The "both" table is the mean of the text and timestamp tables, candidate by
+    candidate, and counts as measured only what both measured."""
+    import dataclasses
+
+    from wruntime.build.sensitivity import _mean_of
+
+    text, stamps = _table(), _table()
+    for row in stamps.layers:
+        row.error = {k: 3 * v for k, v in row.error.items()}
+        row.measured = ["int4/32", "int8"]
+    stamps = dataclasses.replace(stamps, seconds=5.0)
+    both = _mean_of([text, stamps])
+    for a, b, m in zip(text.layers, stamps.layers, both.layers, strict=True):
+        assert m.error == pytest.approx({k: (a.error[k] + b.error[k]) / 2 for k in a.error})
+        assert m.measured == ["int4/32"]
+    assert both.seconds == 5.0
+    # The order of layers and what a choice costs in bytes are untouched.
+    assert choose(both, Budget(max_fraction=0.4)).labels == {
+        "robust": "int4/32",
+        "fragile": "int8",
+    }
+
+
+def test_a_catalog_probe_mode_must_be_one_of_the_three():
+    from wruntime.build.sensitivity import probe_mode
+    from wruntime.catalog import PrecisionSpec
+    from wruntime.errors import WruntimeError
+
+    def spec(**search):
+        return PrecisionSpec("auto", "", "float16", "iOS18", (), {"candidates": [], **search})
+
+    assert probe_mode(spec()) == "timestamps"
+    assert probe_mode(spec(probe="both")) == "both"
+    with pytest.raises(WruntimeError, match="unknown probe mode 'sideways'"):
+        probe_mode(spec(probe="sideways"))
 
 
 def test_unmeasured_candidates_scale_from_the_measured_one_nearest_in_noise():
@@ -342,7 +382,7 @@ def test_the_probe_reference_decodes_with_timestamps_and_hears_every_packed_clip
     assert "country" in heard and "belly" not in heard
     assert len(free) < len(sampled)
 
-    # Without timestamps (`probe_timestamps: false`): the whole vocabulary, and nothing
+    # Without timestamps (`probe: "text"`): the whole vocabulary, and nothing
     # to tell how far the decode has got, so it ends where whisper likes.
     plain = _Probe(tiny_weights, clips, timestamps=False)
     ((_, _, seq, logp),) = plain.items

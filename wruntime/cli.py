@@ -497,11 +497,11 @@ def sensitivity_cmd(
     layer: Annotated[
         list[str] | None, typer.Option(help="Measure only these weights (a quick look).")
     ] = None,
-    probe_timestamps: Annotated[
-        bool | None,
+    probe: Annotated[
+        str | None,
         typer.Option(
-            "--probe-timestamps/--no-probe-timestamps",
-            help="Decode the clips with timestamps, as transcribe does (default: the catalog's).",
+            help="How the clips are decoded: text (no timestamps), timestamps (as transcribe "
+            "does) or both, averaged (default: the catalog's).",
         ),
     ] = None,
     build: Annotated[
@@ -534,7 +534,11 @@ def sensitivity_cmd(
         find_architecture(architecture)  # unknown names fail here, listing the valid ones
         spec = precisions()["auto"]
         search = spec.sensitivity or {}
-        timestamps = sens.probe_timestamps(spec) if probe_timestamps is None else probe_timestamps
+        mode = sens.probe_mode(spec) if probe is None else probe
+        if mode not in sens.PROBE_MODES:
+            raise WruntimeError(
+                f"Unknown --probe {mode!r}: use one of {', '.join(sens.PROBE_MODES)}."
+            )
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -564,7 +568,7 @@ def sensitivity_cmd(
                 fixed=spec.compression,
                 clips=clip or None,
                 layers=layer or None,
-                timestamps=timestamps,
+                probe=mode,
                 log=lambda line: bar.console.print(line, markup=False),
                 progress=advance,
             )
@@ -602,7 +606,7 @@ def sensitivity_cmd(
                 {
                     "budget": budget.describe(),
                     "met": choice.met,
-                    "probe_timestamps": timestamps,
+                    "probe": mode,
                     "rows": choice.rows(),
                 },
                 json_out,

@@ -9,10 +9,13 @@ packed end to end into 30-second windows (`probe_windows`), since the encoder pa
 for a whole window however short the clip. The error is the KL divergence of the
 decoder's next-token distribution from the uncompressed (fp16-rounded) model's,
 over the tokens the uncompressed model itself decodes (teacher forcing), averaged
-over every decoded position. With ``timestamps`` that reference decodes as
-`transcribe` does by default, so the segment ends are measured too, and the KL
-counts the timestamps as one outcome (a segment ends here or not); the catalog's
-auto probes without them, which chose the better tiny.en models (RESULTS.md).
+over every decoded position. The reference decodes in one of three modes (the
+precision's ``probe``): "text", without timestamps; "timestamps", as `transcribe`
+does by default, so the segment ends are measured too (the KL counts the
+timestamps as one outcome: a segment ends here or not); or "both", the two
+tables averaged. Without timestamps a 30% base model repeated its last sentence
+at segment ends it was never measured on; with them alone, tiny.en gave the
+decoder bits its encoder needed (benchmarks/RESULTS.md, sessions 5 and 6).
 
 Measuring every candidate of every layer would cost one forward pass each; by
 default a layer is measured with its most aggressive candidate and its median one
@@ -44,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -98,6 +101,10 @@ GAP_SECONDS = 0.5
 
 #: Tokens the reference decodes per window (openai-whisper's own sample length).
 PROBE_TOKENS = 224
+
+#: How the probe's reference decodes: without timestamps, with them, or both (averaged).
+ProbeMode = Literal["text", "timestamps", "both"]
+PROBE_MODES: tuple[ProbeMode, ...] = ("text", "timestamps", "both")
 
 
 def default_clips() -> list[Path]:
@@ -502,7 +509,7 @@ def measure_sensitivity(
     exhaustive: bool = False,
     layers: Sequence[str] | None = None,
     cache: bool = True,
-    timestamps: bool = True,
+    probe: ProbeMode = "timestamps",
     log: Callable[[str], None] | None = None,
     progress: SensitivityProgress | None = None,
 ) -> SensitivityTable:
@@ -511,16 +518,39 @@ def measure_sensitivity(
     ``candidates`` are rule dicts without a target (models/precisions.json's form);
     weights a ``fixed`` rule matches are taken out of the search. ``layers`` limits
     the measurement to some layer keys (for tests); the others get no error.
-    ``timestamps``: the reference decodes as `transcribe` does by default, timestamps
-    and all; False decodes without them, and the decode may end before the last
-    packed clip (the precision's ``probe_timestamps``; the two rank layers
-    differently, see benchmarks/RESULTS.md). ``progress(done, total, layer)`` is called before each weight is measured and
-    once at the end: the pass takes minutes, a bar beats silence. The cache keeps
-    every candidate ever measured for these clips, so trying another candidate
-    costs its weight noise plus the few measurements the policy asks for.
+    ``probe``: "timestamps" decodes the reference as `transcribe` does by default,
+    timestamps and all; "text" decodes without them, and the decode may end before
+    the last packed clip; "both" measures each (each cached on its own) and averages
+    them (the precision's ``probe``; see `_mean_of`). ``progress(done, total, layer)``
+    is called before each weight is measured and once at the end: the pass takes
+    minutes, a bar beats silence. The cache keeps every candidate ever measured for
+    these clips, so trying another candidate costs its weight noise plus the few
+    measurements the policy asks for.
     """
     from wruntime.catalog import load_architecture_weights
 
+    if probe not in PROBE_MODES:
+        raise WruntimeError(f"Unknown probe mode {probe!r}: use one of {', '.join(PROBE_MODES)}.")
+    if probe == "both":
+        return _mean_of(
+            [
+                measure_sensitivity(
+                    arch,
+                    candidates,
+                    fixed=fixed,
+                    weights=weights,
+                    clips=clips,
+                    exhaustive=exhaustive,
+                    layers=layers,
+                    cache=cache,
+                    probe=mode,
+                    log=log,
+                    progress=progress,
+                )
+                for mode in ("text", "timestamps")
+            ]
+        )
+    timestamps = probe == "timestamps"
     say = log or (lambda _: None)
     candidates = [dict(c) for c in candidates]
     clips = [Path(c) for c in (clips or default_clips())]
@@ -655,6 +685,30 @@ def measure_sensitivity(
     return view(table)
 
 
+def _mean_of(tables: Sequence[SensitivityTable]) -> SensitivityTable:
+    """One table whose errors are the mean of several probes' (same weights, same clips).
+
+    Each probe mode weighs the same, whatever its count of decoded positions: the
+    timestamp decode has more of them (a timestamp at every segment edge), and
+    pooling positions would let segment ends outweigh the text again.
+    """
+    first = tables[0]
+    layers = []
+    for rows in zip(*(t.layers for t in tables), strict=True):
+        row = rows[0]
+        if row.error:
+            labels = [k for k in row.error if all(k in r.error for r in rows)]
+            row = dataclasses.replace(
+                row,
+                error={k: float(np.mean([r.error[k] for r in rows])) for k in labels},
+                measured=[k for k in row.measured if all(k in r.measured for r in rows)],
+            )
+        layers.append(row)
+    return dataclasses.replace(
+        first, layers=layers, seconds=round(sum(t.seconds for t in tables), 1)
+    )
+
+
 # ------------------------------------------------------------------ choosing
 
 
@@ -761,7 +815,7 @@ def choices_for_precision(
         spec.get("candidates", []),
         fixed=precision.compression,
         weights=weights,
-        timestamps=probe_timestamps(precision),
+        probe=probe_mode(precision),
         log=log,
         progress=progress,
     )
@@ -777,9 +831,15 @@ def choices_for_precision(
     return choice.rules
 
 
-def probe_timestamps(precision: PrecisionSpec) -> bool:
-    """Whether a precision's search probes with timestamps (its ``probe_timestamps``)."""
-    return bool((precision.sensitivity or {}).get("probe_timestamps", True))
+def probe_mode(precision: PrecisionSpec) -> ProbeMode:
+    """How a precision's search decodes its probe clips (its ``probe``, else "timestamps")."""
+    mode = (precision.sensitivity or {}).get("probe", "timestamps")
+    if mode not in PROBE_MODES:
+        raise WruntimeError(
+            f"The precision {precision.name!r} has an unknown probe mode {mode!r}: "
+            f"use one of {', '.join(PROBE_MODES)}."
+        )
+    return mode
 
 
 def sensitivity_report(
@@ -789,7 +849,7 @@ def sensitivity_report(
     clips: Sequence[Path] | None = None,
     precision: str = "auto",
     exhaustive: bool = False,
-    timestamps: bool | None = None,
+    probe: ProbeMode | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Choice:
     """What `wruntime sensitivity ARCH` shows: the per-layer table and the choice for a budget.
@@ -810,7 +870,7 @@ def sensitivity_report(
         fixed=spec.compression,
         clips=clips,
         exhaustive=exhaustive,
-        timestamps=probe_timestamps(spec) if timestamps is None else timestamps,
+        probe=probe_mode(spec) if probe is None else probe,
         log=log,
     )
     return choose(
