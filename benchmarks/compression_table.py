@@ -8,7 +8,8 @@
 
 Each model is built on first use (into $WRUNTIME_HOME, the cache: later runs reuse
 it; the manifest's build_seconds is the time it took) and transcribes through the
-MIL interpreter, greedy (temperature 0, no fallback), with fp16 emulation for
+MIL interpreter, greedy (temperature 0, no fallback; `--fallback`: transcribe's
+default decoding, temperature fallback with seed 0), with fp16 emulation for
 fp16-compute models, so the packages measured are the ones that ship. Transcripts
 are saved per model as they are made (benchmarks/results/compression_<model>.json)
 and reused, so an interrupted run resumes. WER is computed in the reference venv
@@ -45,11 +46,19 @@ def _group(key: str) -> str:
     return "librispeech" if key.startswith("librispeech") else "other"
 
 
-def _transcripts(model: str, items: list, fp16: bool, source: str | None = None) -> dict[str, str]:
-    """Transcripts of every item (resumed from the saved file), through the interpreter."""
+def _transcripts(
+    model: str, items: list, fp16: bool, source: str | None = None, fallback: bool = False
+) -> dict[str, str]:
+    """Transcripts of every item (resumed from the saved file), through the interpreter.
+
+    Greedy at temperature 0 alone, or with ``fallback`` transcribe's default decoding
+    (a window that loops or is improbable is decoded again at 0.2, 0.4, ... 1.0;
+    seed 0), saved as ``compression_<model>-fb.json``.
+    """
     from wruntime import Transcriber
 
-    path = RESULTS / f"compression_{model}.json"
+    path = RESULTS / f"compression_{model}{'-fb' if fallback else ''}.json"
+    decoding = {"seed": 0} if fallback else {"temperature": 0.0}
     done: dict[str, str] = {}
     if path.is_file():
         done = json.loads(path.read_text(encoding="utf-8")).get("texts", {})
@@ -58,7 +67,7 @@ def _transcripts(model: str, items: list, fp16: bool, source: str | None = None)
         t = Transcriber(source or model, executor="interpreter", fp16_emulation=fp16)
         started = time.perf_counter()
         for i, it in enumerate(todo):
-            done[it.key] = t.transcribe(str(it.path), temperature=0.0).text
+            done[it.key] = t.transcribe(str(it.path), **decoding).text
             print(f"  {model} {i + 1}/{len(todo)} {it.key}: {done[it.key][:50]!r}", flush=True)
             if (i + 1) % 10 == 0 or i + 1 == len(todo):
                 write_results(path.name, {"model": model, "texts": done})
@@ -71,28 +80,32 @@ def _columns(calibrated: bool) -> tuple[str, ...]:
     return (*GROUPS, "all", "held out") if calibrated else (*GROUPS, "all")
 
 
+#: Name suffix of an auto model probed in a mode other than the catalog's.
+PROBE_SUFFIX = {"text": "-nots", "timestamps": "-ts", "both": "-both"}
+
+
 def _auto_variant(
-    arch: str, fraction: float, clips: list[Path] | None = None, timestamps: bool | None = None
+    arch: str, fraction: float, clips: list[Path] | None = None, probe: str | None = None
 ) -> Path:
     """The auto model for a size budget: `<arch>-auto@<fraction>`, as `--model` builds it.
 
     With ``clips`` the sensitivity is measured on them (a calibration set) instead of
     the catalog's probe clips, and the model is named ``<arch>-auto@<fraction>-cal``;
-    ``timestamps`` overrides the catalog's probe mode (the name gains ``-ts`` or
-    ``-nots``), so the two modes' models and transcripts never mix.
+    ``probe`` overrides the catalog's probe mode (the name gains ``-nots``, ``-ts`` or
+    ``-both``), so the modes' models and transcripts never mix.
     """
     from wruntime.build.model_dir import models_root
     from wruntime.build.pipeline import build_model, ensure_model
     from wruntime.build.sensitivity import Budget, sensitivity_report
 
     name = f"{arch}-auto@{fraction:g}"
-    if not clips and timestamps is None:
+    if not clips and probe is None:
         return Path(ensure_model(name, progress=True).path)
-    mode = "" if timestamps is None else "-ts" if timestamps else "-nots"
+    mode = "" if probe is None else PROBE_SUFFIX[probe]
     dest = models_root() / f"{name}{'-cal' if clips else ''}{mode}"
     if not dest.is_dir():
         budget = Budget(max_fraction=fraction)
-        choice = sensitivity_report(arch, budget=budget, clips=clips, timestamps=timestamps)
+        choice = sensitivity_report(arch, budget=budget, clips=clips, probe=probe)
         build_model(name, dest=dest, choices=choice.rules)
     return dest
 
@@ -138,10 +151,31 @@ def main() -> None:
         "librispeech-dev-clean,librispeech-train-clean-5 (WER is then also given on the rest)",
     )
     ap.add_argument(
-        "--probe-timestamps",
-        action=argparse.BooleanOptionalAction,
+        "--probe",
+        choices=sorted(PROBE_SUFFIX),
         default=None,
-        help="auto models: probe with (or without) timestamps instead of the catalog's mode",
+        help="auto models: decode the probe clips in this mode instead of the catalog's",
+    )
+    # Session 5's spelling, kept so the commands in RESULTS.md still run.
+    ap.add_argument(
+        "--probe-timestamps",
+        dest="probe",
+        action="store_const",
+        const="timestamps",
+        help=argparse.SUPPRESS,
+    )
+    ap.add_argument(
+        "--no-probe-timestamps",
+        dest="probe",
+        action="store_const",
+        const="text",
+        help=argparse.SUPPRESS,
+    )
+    ap.add_argument(
+        "--fallback",
+        action="store_true",
+        help="transcribe's default decoding (temperature fallback, seed 0) instead of greedy\n"
+        "alone; transcripts saved apart (compression_<model>-fb.json)",
     )
     ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--answer", help=argparse.SUPPRESS)
@@ -185,10 +219,10 @@ def main() -> None:
             "target": manifest.get("deployment_target"),
         }
         fp16 = spec.precision.compute_precision == "float16"
-        texts[name] = _transcripts(name, items, fp16)
+        texts[name] = _transcripts(name, items, fp16, fallback=args.fallback)
     for fraction in filter(None, args.auto_fractions.split(",")):
         clips = [it.path for it in calibration] or None
-        path = _auto_variant(args.arch, float(fraction), clips, args.probe_timestamps)
+        path = _auto_variant(args.arch, float(fraction), clips, args.probe)
         name = path.name
         rows[name] = {
             "precision": f"auto@{fraction}",
@@ -196,7 +230,7 @@ def main() -> None:
             "build_s": json.loads((path / "manifest.json").read_text())["build_seconds"],
             "target": "iOS18",
         }
-        texts[name] = _transcripts(name, items, True, str(path))
+        texts[name] = _transcripts(name, items, True, str(path), args.fallback)
     refs = {it.key: it.reference for it in items}
     job = RESULTS / f".compression_job_{args.arch}.json"
     calibration_keys = {it.key for it in calibration}
@@ -216,7 +250,13 @@ def main() -> None:
     lines = [
         f"## Compression: {args.arch}",
         "",
-        f"Command: `{command.strip()}`. Greedy (temperature 0, no fallback) through the MIL "
+        f"Command: `{command.strip()}`. "
+        + (
+            "transcribe's default decoding (greedy, with temperature fallback, seed 0)"
+            if args.fallback
+            else "Greedy (temperature 0, no fallback)"
+        )
+        + " through the MIL "
         "interpreter, fp16 emulation for fp16-compute models; WER (%) after openai-whisper's "
         f"EnglishTextNormalizer. LibriSpeech ({', '.join(corpora['librispeech'])}): "
         f"{counts['librispeech']} utterances "
