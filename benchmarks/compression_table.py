@@ -157,20 +157,10 @@ def main() -> None:
         help="auto models: decode the probe clips in this mode instead of the catalog's",
     )
     # Session 5's spelling, kept so the commands in RESULTS.md still run.
-    ap.add_argument(
-        "--probe-timestamps",
-        dest="probe",
-        action="store_const",
-        const="timestamps",
-        help=argparse.SUPPRESS,
-    )
-    ap.add_argument(
-        "--no-probe-timestamps",
-        dest="probe",
-        action="store_const",
-        const="text",
-        help=argparse.SUPPRESS,
-    )
+    for flag, mode in (("--probe-timestamps", "timestamps"), ("--no-probe-timestamps", "text")):
+        ap.add_argument(
+            flag, dest="probe", action="store_const", const=mode, help=argparse.SUPPRESS
+        )
     ap.add_argument(
         "--fallback",
         action="store_true",

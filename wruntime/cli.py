@@ -521,8 +521,13 @@ def sensitivity_cmd(
     """
 
     def action() -> None:
-        from wruntime.build import sensitivity as sens
-        from wruntime.build.sensitivity import Budget, choose, measure_sensitivity
+        from wruntime.build.sensitivity import (
+            PROBE_MODES,
+            Budget,
+            choose,
+            measure_sensitivity,
+            probe_mode,
+        )
         from wruntime.catalog import architecture as find_architecture
         from wruntime.catalog import precisions
 
@@ -534,11 +539,9 @@ def sensitivity_cmd(
         find_architecture(architecture)  # unknown names fail here, listing the valid ones
         spec = precisions()["auto"]
         search = spec.sensitivity or {}
-        mode = sens.probe_mode(spec) if probe is None else probe
-        if mode not in sens.PROBE_MODES:
-            raise WruntimeError(
-                f"Unknown --probe {mode!r}: use one of {', '.join(sens.PROBE_MODES)}."
-            )
+        mode = probe_mode(spec) if probe is None else probe
+        if mode not in PROBE_MODES:
+            raise WruntimeError(f"Unknown --probe {mode!r}: use one of {', '.join(PROBE_MODES)}.")
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
