@@ -393,3 +393,44 @@ def test_the_probe_reference_decodes_with_timestamps_and_hears_every_packed_clip
     sampled = seq[len(tok.sot_sequence_including_notimestamps) :]
     assert not np.any(sampled >= tok.timestamp_begin)
     assert "country" in tok.decode(list(sampled)).lower()
+
+
+def test_the_probe_measures_the_encoder_input_transcribe_gives(monkeypatch, test_home):
+    """Transcribe pads a window's mel with zeros after the speech, not with the mel of
+    silence, and whisper ends its segments differently on the two: a 4-bit base model
+    that ended cleanly on padded audio opened a new segment on transcribe's input, so
+    the probe must measure the latter. Checked against the encoder input a real
+    transcription hands the model, for one clip and for a packed window."""
+    from conftest import CLIPS
+
+    from wruntime import Transcriber
+    from wruntime.audio import load_audio
+    from wruntime.build.sensitivity import _pack
+    from wruntime.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram, window_mel
+    from wruntime.model import WhisperModel
+
+    seen: list[np.ndarray] = []
+    real_encode = WhisperModel.encode
+
+    def spy(self, mel):
+        seen.append(np.array(mel))
+        return real_encode(self, mel)
+
+    monkeypatch.setattr(WhisperModel, "encode", spy)
+    transcriber = Transcriber("tiny.en-fp16", executor="interpreter")
+    clip = CLIPS["belly"][0]
+    audio = load_audio(clip)
+    transcriber.transcribe(audio, temperature=0.0, language="en")
+    mel = window_mel(audio, 80)
+    np.testing.assert_array_equal(seen[0], mel)
+    speech = len(audio) // 160
+    assert mel.shape == (80, N_FRAMES) and not mel[:, speech + 1 :].any()
+    # The mel of silence is not zero: what the probe measured before.
+    silent = log_mel_spectrogram(np.pad(audio, (0, N_SAMPLES - len(audio))), 80)
+    assert silent[:, speech + 3 :].max() < -0.5  # the floor, max - 8
+
+    # A packed probe window is one such window too.
+    ((packed, _),) = _pack([CLIPS[k][0] for k in ("belly", "experience")])
+    seen.clear()
+    transcriber.transcribe(packed, temperature=0.0, language="en")
+    np.testing.assert_array_equal(seen[0], window_mel(packed, 80))
