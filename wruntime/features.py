@@ -116,21 +116,3 @@ def pad_or_trim(array: np.ndarray, length: int = N_SAMPLES, *, axis: int = -1) -
         widths[axis] = (0, length - size)
         array = np.pad(array, widths)
     return array
-
-
-def window_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
-    """The encoder input `transcribe` makes of up to 30 s of audio: (n_mels, N_FRAMES).
-
-    Not the mel of the audio padded with silence: transcribe cuts the whole file's
-    mel at the last frame of speech and pads with zeros in the log-mel domain (as
-    openai-whisper does), and a zero there is louder than silence (the clamp
-    floor, max - 8, about -0.8 on LibriSpeech).
-    Whisper ends its last segment differently on the two: a 4-bit base model
-    ended "I have none. I said happily." cleanly on the mel of silence and opened
-    a new segment on transcribe's input, which the next window filled with "I'm
-    I'm ...". A probe of what compression costs must measure the input transcribe
-    gives (`wruntime.build.sensitivity`).
-    """
-    x = np.asarray(audio, dtype=np.float32)[:N_SAMPLES]
-    mel = log_mel_spectrogram(x, n_mels, padding=N_SAMPLES)
-    return pad_or_trim(mel[:, : mel.shape[-1] - N_FRAMES], N_FRAMES)

@@ -6,11 +6,10 @@ weight is compressed and decompressed exactly as coremltools would store it
 and vocabulary chunks included), mapped back onto the canonical weights, and the
 numpy reference forward pass (`wruntime.oracle`) is run on real speech: the clips
 packed end to end into 30-second windows (`probe_windows`), since the encoder pays
-for a whole window however short the clip, each window's mel made as transcribe
-makes it (`features.window_mel`: the speech, then zeros). The error is the KL
-divergence of the decoder's next-token distribution from the uncompressed
-(fp16-rounded) model's, over the tokens the uncompressed model itself decodes
-(teacher forcing), averaged over every decoded position. The reference decodes in one of three modes (the
+for a whole window however short the clip. The error is the KL divergence of the
+decoder's next-token distribution from the uncompressed (fp16-rounded) model's,
+over the tokens the uncompressed model itself decodes (teacher forcing), averaged
+over every decoded position. The reference decodes in one of three modes (the
 precision's ``probe``): "text", without timestamps; "timestamps", as `transcribe`
 does by default, so the segment ends are measured too (the KL counts the
 timestamps as one outcome: a segment ends here or not); or "both", the two
@@ -282,15 +281,13 @@ def probe_windows(clips: Sequence[Path]) -> list[np.ndarray]:
     times more speech, and the KL averages over that many more decoded tokens. A clip
     longer than a window is cut into windows of its own.
     """
-    from wruntime.features import pad_or_trim
-
-    return [pad_or_trim(audio) for audio, _ in _pack(clips)]
+    return [audio for audio, _ in _pack(clips)]
 
 
 def _pack(clips: Sequence[Path]) -> list[tuple[np.ndarray, float]]:
-    """`probe_windows` unpadded, each with the second its last piece is halfway through."""
+    """`probe_windows`, each window with the second its last piece is halfway through."""
     from wruntime.audio import SAMPLE_RATE, load_audio
-    from wruntime.features import N_SAMPLES
+    from wruntime.features import N_SAMPLES, pad_or_trim
 
     gap = np.zeros(int(GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
     pieces = []
@@ -309,7 +306,10 @@ def _pack(clips: Sequence[Path]) -> list[tuple[np.ndarray, float]]:
             slot = len(windows) - 1
         windows[slot] += [gap, piece] if windows[slot] else [piece]
         room[slot] -= need
-    return [(np.concatenate(w), (sum(map(len, w)) - len(w[-1]) / 2) / SAMPLE_RATE) for w in windows]
+    return [
+        (pad_or_trim(np.concatenate(w)), (sum(map(len, w)) - len(w[-1]) / 2) / SAMPLE_RATE)
+        for w in windows
+    ]
 
 
 def _reference_rules(
@@ -348,7 +348,7 @@ class _Probe:
         self, weights: WhisperWeights, clips: Sequence[Path], timestamps: bool = True
     ) -> None:
         from wruntime import oracle
-        from wruntime.features import window_mel
+        from wruntime.features import log_mel_spectrogram
         from wruntime.tokenizer import get_tokenizer
 
         self.oracle = oracle
@@ -367,7 +367,7 @@ class _Probe:
             self.first_ts = None
         self.items = []
         for audio, last_middle in _pack(clips):
-            mel = window_mel(audio, dims.n_mels)  # what transcribe feeds, not padded audio
+            mel = log_mel_spectrogram(audio, dims.n_mels)
             feats = oracle.encode(self.base, mel)
             tokens = oracle.greedy_tokens(
                 self.base,
@@ -429,8 +429,6 @@ def _cache_path(
         # what a probe without timestamps measures); 4: the reference decodes with
         # timestamps, every packed clip heard; 5: the timestamps one outcome in the KL
         "v": 5 if timestamps else 3,
-        # the windows' mel as transcribe makes it: speech, then zeros (`window_mel`)
-        "mel": "zero-padded",
     }
     if fixed:
         what["fixed"] = [r.to_dict() for r in fixed]
