@@ -163,14 +163,18 @@ def test_vocabulary_projection_chunks_stay_under_the_ane_limit(fp16_dir: ModelDi
         assert sum(n for _, n in chunks) == v
         assert all(0 < n <= io.ANE_MAX_DIM for _, n in chunks)
         assert [o for o, _ in chunks] == [sum(n for _, n in chunks[:i]) for i in range(len(chunks))]
+    # Whisper's control tokens (from <|endoftext|> on) have a chunk of their own.
+    assert vocab_chunks(51864)[-1] == (50256, 1608)  # English-only: GPT-2's 50,256 text tokens
+    assert vocab_chunks(51865)[-1] == (50257, 1608)
+    assert vocab_chunks(51866)[-1] == (50257, 1609)  # large-v3: one more language
+    assert len(vocab_chunks(1000)) == 1  # not a Whisper vocabulary: nothing to set apart
     program = load_program(fp16_dir.package("decoder"))
-    rows = [
-        op.inputs["weight"].shape[0]
-        for op in program.functions["main"].operations
-        if op.op_type == "linear"
-    ]
-    assert len(rows) == len(vocab_chunks(fp16_dir.dims.n_vocab)) == 4
+    linears = [op for op in program.functions["main"].operations if op.op_type == "linear"]
+    rows = [op.inputs["weight"].shape[0] for op in linears]
+    assert len(rows) == len(vocab_chunks(fp16_dir.dims.n_vocab)) == 5
     assert sum(rows) == fp16_dir.dims.n_vocab and max(rows) <= io.ANE_MAX_DIM
+    assert rows[-1] == 1608  # the control tokens
+    assert linears[-1].inputs["weight"].op.name == "token_embedding_special_rows"
 
 
 # ------------------------------------------------------------------ damage

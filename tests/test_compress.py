@@ -114,7 +114,9 @@ def test_weights_are_identified_by_value(tiny_weights):
     fused = "+".join(f"decoder.blocks.0.attn.{k}.weight" for k in ("query", "key", "value"))
     assert fused in layers
     chunks = [x for x in layers if x.startswith("decoder.token_embedding.weight[")]
-    assert chunks[0] == "decoder.token_embedding.weight[0:12966]" and len(chunks) == 4
+    assert chunks[0] == "decoder.token_embedding.weight[0:12564]" and len(chunks) == 5
+    special = next(w for w in dec if w.const == "token_embedding_special_rows")
+    assert special.layer == "decoder.token_embedding.weight[50256:51864]" == chunks[-1]
     assert all(w.segments for w in dec), "every decoder weight matched a canonical one"
     stateful = identify_weights(_program(fp16.path / "decoder_stateful.mlpackage"), tiny_weights)
     assert {w.layer for w in stateful} == set(layers)  # the same keys for per-layer choices
@@ -165,7 +167,7 @@ def test_recipes_match_by_canonical_name(tiny_weights):
     assert by_layer["decoder.blocks.1.mlp.0.weight"] == "pal4/g16"
     assert by_layer["decoder.blocks.1.attn.out.weight"] == "int8"
     assert by_layer["decoder.positional_embedding"] == "fp16"
-    assert by_layer["decoder.token_embedding.weight[0:12966]"] == "int8"
+    assert by_layer["decoder.token_embedding.weight[0:12564]"] == "int8"
 
 
 # --------------------------------------------------------------- packages
@@ -311,7 +313,7 @@ def test_the_manifest_records_what_each_weight_became():
     record = model.manifest["compression"]
     layers = record["layers"]
     assert layers["encoder.blocks.0.mlp.0.weight"] == "int4/32"
-    assert layers["decoder.token_embedding.weight[0:12966]"] == "int8"  # the recipe's rule
+    assert layers["decoder.token_embedding.weight[0:12564]"] == "int8"  # the recipe's rule
     assert layers["encoder.conv1.weight"] == "int8"  # 80 mel inputs cannot take blocks of 32
     assert record["seconds"] > 0
     summary = inspect_model("tiny.en-int4")["compression"]
@@ -347,6 +349,10 @@ def test_an_auto_model_builds_from_a_choice_made_elsewhere(tmp_path):
     assert after == before  # no sensitivity pass ran
     model = load_model_dir(path)
     layers = model.manifest["compression"]["layers"]
-    assert {k: v for k, v in layers.items() if v != "fp16"} == dict.fromkeys(chosen, "int8")
+    # The chosen layers, and the control tokens' rows the catalog's auto fixes at int8.
+    special = "decoder.token_embedding.weight[50256:51864]"
+    assert {k: v for k, v in layers.items() if v != "fp16"} == dict.fromkeys(
+        [*chosen, special], "int8"
+    )
     assert len(layers) > 50  # every compressible weight is accounted for, kept ones too
     assert model.name == "tiny.en-auto@0.3"

@@ -33,15 +33,14 @@ _COMMON_OPS = frozenset(
 )  # fmt: skip
 _DECODER_OPS = _COMMON_OPS | {
     # tied-embedding lookup from the vocabulary chunks, runtime shapes, all-heads attention
-    "equal", "floor_div", "gather", "greater_equal", "linear", "matmul", "minimum", "mod",
-    "select", "shape", "slice_by_index", "slice_by_size",
+    "gather", "greater_equal", "linear", "matmul", "minimum", "select", "shape",
+    "slice_by_index", "slice_by_size",
 }  # fmt: skip
 #: Every op type a saved fp32/fp16 package contains after ct.convert's passes, by package
 #: role, as the spec's protobuf names them (the MIL interpreter must run exactly these).
-#: "minimum" appears only when the vocabulary chunks are unequal (multilingual, 51865);
 #: "identity" only in fp32 packages (their fp32 outputs); "cast" only in fp16 ones (and in
 #: the stateful decoder, whose fp16 states feed an fp32 program); "greater_equal"/"select"
-#: come from coremltools' negative-gather-index guard; "write_state" is what pymil calls
+#: pick a token's vocabulary chunk (and come from coremltools' negative-gather-index guard); "write_state" is what pymil calls
 #: coreml_update_state. Compressed packages add constexpr_* weight ops.
 PACKAGE_OP_TYPES = {
     "encoder": _COMMON_OPS | {"einsum"},

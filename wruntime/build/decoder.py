@@ -34,18 +34,38 @@ from wruntime.build.layers import (
     to_compute,
     wt,
 )
-from wruntime.weights.canonical import WhisperWeights
+from wruntime.weights.canonical import WhisperWeights, first_special_token
 
 
 def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, int]]:
-    """(offset, rows) of near-equal vocabulary chunks, none above `limit` rows.
+    """(offset, rows) of the vocabulary chunks: near-equal text chunks, then the control tokens.
 
-    ANE: no tensor dimension above 16384, so the vocabulary projection is
-    split into chunks whose logits are concatenated (or kept as separate outputs).
+    ANE: no tensor dimension above 16384, so the vocabulary projection is split
+    into chunks whose logits are concatenated (or kept as separate outputs). The
+    control tokens (end of text, languages, tasks, timestamps: 1,608 rows) get a
+    chunk of their own, so compression can keep them apart: whether a segment ends
+    is read from these rows, and at 4 bits base went on after the speech, filling
+    the next window with a repeated sentence (benchmarks/RESULTS.md, session 7).
     """
-    n = math.ceil(n_vocab / limit)
-    size = math.ceil(n_vocab / n)
-    return [(o, min(size, n_vocab - o)) for o in range(0, n_vocab, size)]
+    special = first_special_token(n_vocab)
+    text = n_vocab if special is None else special
+    n = math.ceil(text / limit)
+    size = math.ceil(text / n)
+    chunks = [(o, min(size, text - o)) for o in range(0, text, size)]
+    if special is not None:
+        chunks.append((special, n_vocab - special))
+    return chunks
+
+
+def chunk_const_name(index: int, n_chunks: int, n_vocab: int) -> str:
+    """The name of a vocabulary chunk's constant, which a recipe's op_name rule can match."""
+    if index == n_chunks - 1 and first_special_token(n_vocab) is not None:
+        return SPECIAL_ROWS_CONST
+    return f"token_embedding_rows_{index}"
+
+
+#: The control tokens' chunk of the tied token embedding (see `vocab_chunks`).
+SPECIAL_ROWS_CONST = "token_embedding_special_rows"
 
 
 def logits_output_names(n_vocab: int, split_logits: bool) -> list[str]:
@@ -68,25 +88,27 @@ class DecoderParts:
 SelfKV = Callable[[int, Var, Var], tuple[Var, Var]]
 
 
-def _embed(tokens: Var, chunks: list[Var], size: int) -> Var:
+def _embed(tokens: Var, chunks: list[Var], offsets: list[int]) -> Var:
     """Token embeddings (B, T, C) gathered from the vocabulary chunks.
 
     The chunks are the same constants the logits projection uses (the
     embedding is tied), so the table is stored once: each chunk is gathered
-    at the token's offset inside it and the chunk that holds the token wins.
+    at the token's offset inside it (clamped into range) and the last chunk
+    starting at or before the token wins. The chunks differ in size (the
+    control tokens' is small), so the offsets are compared, not divided.
     """
-    which = mb.floor_div(x=tokens, y=np.int32(size))
-    local = mb.mod(x=tokens, y=np.int32(size))
     emb = None
-    for c, table in enumerate(chunks):
-        rows = int(table.shape[0])
-        idx = local if rows == size else mb.minimum(x=local, y=np.int32(rows - 1))
-        rows_c = mb.gather(x=table, indices=idx, axis=0)
+    for table, offset in zip(chunks, offsets, strict=True):
+        last = np.int32(int(table.shape[0]) - 1)
+        local = tokens if offset == 0 else mb.sub(x=tokens, y=np.int32(offset))
+        if offset:
+            local = mb.maximum(x=local, y=np.int32(0))
+        rows = mb.gather(x=table, indices=mb.minimum(x=local, y=last), axis=0)
         if emb is None:
-            emb = rows_c
+            emb = rows
         else:
-            here = mb.expand_dims(x=mb.equal(x=which, y=np.int32(c)), axes=[-1])
-            emb = mb.select(cond=here, a=rows_c, b=emb)
+            here = mb.greater_equal(x=tokens, y=np.int32(offset))
+            emb = mb.select(cond=mb.expand_dims(x=here, axes=[-1]), a=rows, b=emb)
     return emb
 
 
@@ -128,7 +150,10 @@ def decoder_body(
     mask, cross_k, cross_v = to_compute(mask), to_compute(cross_k), to_compute(cross_v)
     table = w["decoder.token_embedding.weight"]
     chunk_list = vocab_chunks(d.n_vocab)
-    chunks = [mb.const(val=wt(table[o : o + n])) for o, n in chunk_list]
+    chunks = [
+        mb.const(val=wt(table[o : o + n]), name=chunk_const_name(i, len(chunk_list), d.n_vocab))
+        for i, (o, n) in enumerate(chunk_list)
+    ]
 
     # Runtime shapes: batch and token count are flexible.
     tok_shape = mb.shape(x=tokens)
@@ -138,7 +163,7 @@ def decoder_body(
     kv_shape = dynamic_shape([b, [n_head, head_dim], kv])
     out_shape = dynamic_shape([b, [n_state], t])
 
-    x = _embed(tokens, chunks, chunk_list[0][1])  # (B, T, C)
+    x = _embed(tokens, chunks, [o for o, _ in chunk_list])  # (B, T, C)
     pos = mb.gather(x=wt(w["decoder.positional_embedding"]), indices=positions, axis=0)
     x = mb.add(x=x, y=pos)
     # Channels-first (B, C, T): projections become 1x1 convolutions.

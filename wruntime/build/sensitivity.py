@@ -420,10 +420,12 @@ def _cache_path(
     timestamps: bool = True,
 ) -> Path:
     """One file per architecture, clips and fixed rules; candidates accumulate inside it."""
-    from wruntime.build.model_dir import wruntime_home
+    from wruntime.build.model_dir import BUILDER_VERSION, wruntime_home
 
     what: dict[str, Any] = {
         "arch": arch,
+        # the layer keys and values come from the builder's packages (vocabulary chunks)
+        "builder": BUILDER_VERSION,
         "clips": sorted(str(Path(c).resolve()) for c in clips),  # packed: order is moot
         # 3: clips packed into windows, KL averaged over all decoded positions (still
         # what a probe without timestamps measures); 4: the reference decodes with
@@ -439,9 +441,14 @@ def _cache_path(
 
 def _noise_cache_path(arch: str, fixed: Sequence[CompressionRule] = ()) -> Path:
     """Each candidate's bits and weight noise, per weight: the same whatever the clips."""
-    from wruntime.build.model_dir import wruntime_home
+    from wruntime.build.model_dir import BUILDER_VERSION, wruntime_home
 
-    what: dict[str, Any] = {"arch": arch, "fixed": [r.to_dict() for r in fixed], "v": 1}
+    what: dict[str, Any] = {
+        "arch": arch,
+        "builder": BUILDER_VERSION,
+        "fixed": [r.to_dict() for r in fixed],
+        "v": 1,
+    }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     return wruntime_home() / "sensitivity" / f"{arch}-noise-{digest}.json"
 

@@ -19,6 +19,18 @@ from pathlib import Path
 import numpy as np
 
 
+def first_special_token(n_vocab: int) -> int | None:
+    """<|endoftext|>, the first id after the text tokens; None for a non-Whisper vocabulary.
+
+    Every id from it on is a control token (end of text, start, languages, tasks,
+    timestamps): 1,608 of them in tiny.en and base. English-only vocabularies have
+    50,256 text tokens (GPT-2's), multilingual ones 50,257.
+    """
+    if n_vocab < 51864:
+        return None
+    return 50257 if n_vocab >= 51865 else 50256
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Whisper's architecture hyper-parameters (openai-whisper's ModelDimensions)."""
@@ -38,6 +50,10 @@ class ModelDims:
     def is_multilingual(self) -> bool:
         # openai-whisper's rule: English-only vocabularies have 51,864 ids.
         return self.n_vocab >= 51865
+
+    @property
+    def first_special_token(self) -> int | None:
+        return first_special_token(self.n_vocab)
 
     @property
     def num_languages(self) -> int:
