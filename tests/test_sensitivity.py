@@ -198,6 +198,11 @@ def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
     assert unknown.exit_code == 1 and len(unknown.stderr.strip().splitlines()) == 1
     sideways = runner.invoke(app, ["sensitivity", "tiny.en", "--probe", "sideways"])
     assert sideways.exit_code == 1 and "text, timestamps, both" in sideways.stderr
+    # The 4-chunk layout of builder 1.3 named its first chunk [0:12966].
+    stale = ["--layer", "decoder.token_embedding.weight[0:12966]"]
+    misspelt = runner.invoke(app, ["sensitivity", "tiny.en", *stale])
+    assert misspelt.exit_code == 1 and "no searched weight" in misspelt.stderr
+    assert len(misspelt.stderr.strip().splitlines()) == 1
 
 
 def test_the_both_probe_weighs_each_mode_the_same():

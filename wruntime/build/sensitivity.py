@@ -602,6 +602,15 @@ def measure_sensitivity(
         if first_match(fixed, pw) is None and pw.segments
     ]
     variable = float(sum(pw.size * 2 * copies for _, copies, pw, _ in searched))
+    if layers is not None:
+        # A misspelt name (or a chunk of an older layout) would otherwise measure nothing.
+        names = {pw.layer for _, _, pw, _ in searched}
+        unknown = [name for name in layers if name not in names]
+        if unknown:
+            raise WruntimeError(
+                f"{arch} has no searched weight {', '.join(map(repr, unknown))}; the names "
+                f"are the table's layer column (e.g. {min(names)!r})."
+            )
 
     # Bits and weight noise of every new candidate (k-means tables: on a fresh cache the
     # longest part of a pass), then what is left to measure. They depend on the weights
