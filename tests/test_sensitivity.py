@@ -123,6 +123,31 @@ def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(ti
     assert 100e6 < table.fp16_bytes < 200e6
 
 
+def test_the_catalog_auto_keeps_the_control_tokens_at_int8_and_counts_them_so(tiny_weights):
+    """The control tokens' rows (end of text, timestamps) are fixed at int8 by the catalog,
+    out of the search; the size a choice is held to counts them at int8, not fp16."""
+    from conftest import CLIPS
+
+    from wruntime.build.sensitivity import measure_sensitivity
+    from wruntime.catalog import precisions
+
+    fixed = precisions()["auto"].compression
+    special = "decoder.token_embedding.weight[50256:51864]"
+    kwargs = dict(
+        weights=tiny_weights,
+        clips=[CLIPS["experience"][0]],
+        layers=["encoder.blocks.1.attn.key.weight"],
+    )
+    table = measure_sensitivity("tiny.en", [INT8, NONE], fixed=fixed, **kwargs)
+    plain = measure_sensitivity("tiny.en", [INT8, NONE], **kwargs)
+    row = {r.layer: r for r in table.layers}[special]
+    assert row.fixed == "int8" and not row.error and row.size == 1608 * 384
+    assert special not in choose(table, Budget(max_fraction=0.5)).labels
+    # int8 with an fp16 scale per row: a little under half of the rows' fp16 bytes saved.
+    saved = plain.other_bytes + row.fp16_bytes - table.other_bytes
+    assert 0.99 * 0.5 * row.fp16_bytes < saved < 0.5 * row.fp16_bytes
+
+
 def _table() -> SensitivityTable:
     def layer(name: str, size: int, e4: float, e8: float) -> LayerSensitivity:
         return LayerSensitivity(
