@@ -40,8 +40,9 @@ _DECODER_OPS = _COMMON_OPS | {
 #: role, as the spec's protobuf names them (the MIL interpreter must run exactly these).
 #: "identity" only in fp32 packages (their fp32 outputs); "cast" only in fp16 ones (and in
 #: the stateful decoder, whose fp16 states feed an fp32 program); "greater_equal"/"select"
-#: pick a token's vocabulary chunk (and come from coremltools' negative-gather-index guard); "write_state" is what pymil calls
-#: coreml_update_state. Compressed packages add constexpr_* weight ops.
+#: pick a token's vocabulary chunk (and come from coremltools' negative-gather-index
+#: guard); "write_state" is what pymil calls coreml_update_state. Compressed packages add
+#: constexpr_* weight ops.
 PACKAGE_OP_TYPES = {
     "encoder": _COMMON_OPS | {"einsum"},
     "decoder": _DECODER_OPS | {"stack"},

@@ -36,6 +36,9 @@ from wruntime.build.layers import (
 )
 from wruntime.weights.canonical import WhisperWeights, first_special_token
 
+#: The control tokens' chunk of the tied token embedding (see `vocab_chunks`).
+SPECIAL_ROWS_CONST = "token_embedding_special_rows"
+
 
 def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, int]]:
     """(offset, rows) of the vocabulary chunks: near-equal text chunks, then the control tokens.
@@ -62,10 +65,6 @@ def chunk_const_name(index: int, n_chunks: int, n_vocab: int) -> str:
     if index == n_chunks - 1 and first_special_token(n_vocab) is not None:
         return SPECIAL_ROWS_CONST
     return f"token_embedding_rows_{index}"
-
-
-#: The control tokens' chunk of the tied token embedding (see `vocab_chunks`).
-SPECIAL_ROWS_CONST = "token_embedding_special_rows"
 
 
 def logits_output_names(n_vocab: int, split_logits: bool) -> list[str]:

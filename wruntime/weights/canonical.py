@@ -52,10 +52,6 @@ class ModelDims:
         return self.n_vocab >= 51865
 
     @property
-    def first_special_token(self) -> int | None:
-        return first_special_token(self.n_vocab)
-
-    @property
     def num_languages(self) -> int:
         # large-v3 added Cantonese (100 languages); 99 before it.
         return self.n_vocab - 51765 - int(self.is_multilingual)
