@@ -60,13 +60,6 @@ def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, i
     return chunks
 
 
-def chunk_const_name(index: int, n_chunks: int, n_vocab: int) -> str:
-    """The name of a vocabulary chunk's constant, which a recipe's op_name rule can match."""
-    if index == n_chunks - 1 and first_special_token(n_vocab) is not None:
-        return SPECIAL_ROWS_CONST
-    return f"token_embedding_rows_{index}"
-
-
 def logits_output_names(n_vocab: int, split_logits: bool) -> list[str]:
     if not split_logits:
         return ["logits"]
@@ -149,8 +142,13 @@ def decoder_body(
     mask, cross_k, cross_v = to_compute(mask), to_compute(cross_k), to_compute(cross_v)
     table = w["decoder.token_embedding.weight"]
     chunk_list = vocab_chunks(d.n_vocab)
+    # Named, so a recipe's op_name rule can reach the control tokens' chunk.
+    special = first_special_token(d.n_vocab)
     chunks = [
-        mb.const(val=wt(table[o : o + n]), name=chunk_const_name(i, len(chunk_list), d.n_vocab))
+        mb.const(
+            val=wt(table[o : o + n]),
+            name=SPECIAL_ROWS_CONST if o == special else f"token_embedding_rows_{i}",
+        )
         for i, (o, n) in enumerate(chunk_list)
     ]
 
