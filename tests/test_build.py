@@ -158,15 +158,21 @@ def test_manifest_describes_the_directory(fp16_dir: ModelDirectory) -> None:
 def test_vocabulary_projection_chunks_stay_under_the_ane_limit(fp16_dir: ModelDirectory) -> None:
     from wruntime.build.convert import load_program
 
-    for v in (51864, 51865, 51866, io.ANE_MAX_DIM, io.ANE_MAX_DIM + 1, 1000):
+    sizes = (51864, 51865, 51866, io.ANE_MAX_DIM, io.ANE_MAX_DIM + 1, 2 * io.ANE_MAX_DIM, 1000)
+    for v in (*sizes, 60000):
         chunks = vocab_chunks(v)
         assert sum(n for _, n in chunks) == v
         assert all(0 < n <= io.ANE_MAX_DIM for _, n in chunks)
         assert [o for o, _ in chunks] == [sum(n for _, n in chunks[:i]) for i in range(len(chunks))]
-    # Whisper's control tokens (from <|endoftext|> on) have a chunk of their own.
+        # Every text chunk but a non-Whisper vocabulary's last takes grouped tables of 16 and 6.
+        assert all(n % 48 == 0 for _, n in chunks[:-1])
+    # Whisper's control tokens (from <|endoftext|> on) have a chunk of their own; the text
+    # rows are cut at a multiple of 48, so a multilingual vocabulary's last text token
+    # (50,256) joins them.
     assert vocab_chunks(51864)[-1] == (50256, 1608)  # English-only: GPT-2's 50,256 text tokens
-    assert vocab_chunks(51865)[-1] == (50257, 1608)
-    assert vocab_chunks(51866)[-1] == (50257, 1609)  # large-v3: one more language
+    assert vocab_chunks(51865)[-1] == (50256, 1609)
+    assert vocab_chunks(51866)[-1] == (50256, 1610)  # large-v3: one more language
+    assert [n for _, n in vocab_chunks(51865)] == [12576, 12576, 12576, 12528, 1609]
     assert len(vocab_chunks(1000)) == 1  # not a Whisper vocabulary: nothing to set apart
     program = load_program(fp16_dir.package("decoder"))
     linears = [op for op in program.functions["main"].operations if op.op_type == "linear"]

@@ -91,7 +91,7 @@ def test_measured_sensitivity_ranks_the_tied_embedding_above_an_encoder_layer(ti
 
     from wruntime.build.sensitivity import measure_sensitivity
 
-    layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12564]"]
+    layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12576]"]
     ticks = []
     table = measure_sensitivity(
         "tiny.en",
@@ -199,7 +199,7 @@ def test_sensitivity_command_measures_chooses_and_refuses_bad_budgets(tmp_path):
 
     runner = CliRunner()
     out_json = tmp_path / "table.json"
-    layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12564]"]
+    layers = ["encoder.blocks.1.attn.key.weight", "decoder.token_embedding.weight[0:12576]"]
     args = ["sensitivity", "tiny.en", "--clip", str(CLIPS["experience"][0]), "--max-kl", "1"]
     args += ["--probe", "both"]  # each mode measured, then averaged
     for name in layers:

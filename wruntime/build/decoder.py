@@ -39,6 +39,21 @@ from wruntime.weights.canonical import WhisperWeights, first_special_token
 #: The control tokens' chunk of the tied token embedding (see `vocab_chunks`).
 SPECIAL_ROWS_CONST = "token_embedding_special_rows"
 
+#: Text chunks hold a multiple of this many rows, so that per-grouped-channel
+#: tables of 16 or of 6 rows fit every chunk (a shape they do not divide falls
+#: back to one table per chunk, and 3 or 4 bits in one table is much noisier).
+ROW_ALIGN = 48
+
+
+def control_chunk_start(n_vocab: int) -> int | None:
+    """Where the control tokens' chunk starts: None for a non-Whisper vocabulary.
+
+    The text rows are cut at a multiple of `ROW_ALIGN`; the rest of them (one
+    row in a multilingual vocabulary) joins the control chunk.
+    """
+    special = first_special_token(n_vocab)
+    return None if special is None else special - special % ROW_ALIGN
+
 
 def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, int]]:
     """(offset, rows) of the vocabulary chunks: near-equal text chunks, then the control tokens.
@@ -50,13 +65,20 @@ def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, i
     is read from these rows, and at 4 bits base went on after the speech, filling
     the next window with a repeated sentence (benchmarks/RESULTS.md, session 7).
     """
-    special = first_special_token(n_vocab)
-    text = n_vocab if special is None else special
+    control = control_chunk_start(n_vocab)
+    text = n_vocab if control is None else control
+    units, rest = divmod(text, ROW_ALIGN)  # only a non-Whisper vocabulary leaves a rest
     n = math.ceil(text / limit)
-    size = math.ceil(text / n)
-    chunks = [(o, min(size, text - o)) for o in range(0, text, size)]
-    if special is not None:
-        chunks.append((special, n_vocab - special))
+    while True:
+        sizes = [ROW_ALIGN * (units // n + (i < units % n)) for i in range(n)]
+        sizes[-1] += rest
+        if max(sizes) <= limit:
+            break
+        n += 1
+    offsets = [sum(sizes[:i]) for i in range(n)]
+    chunks = list(zip(offsets, sizes, strict=True))
+    if control is not None:
+        chunks.append((control, n_vocab - control))
     return chunks
 
 
@@ -143,7 +165,7 @@ def decoder_body(
     table = w["decoder.token_embedding.weight"]
     chunk_list = vocab_chunks(d.n_vocab)
     # Named, so a recipe's op_name rule can reach the control tokens' chunk.
-    special = first_special_token(d.n_vocab)
+    special = control_chunk_start(d.n_vocab)
     chunks = [
         mb.const(
             val=wt(table[o : o + n]),

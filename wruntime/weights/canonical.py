@@ -20,13 +20,13 @@ import numpy as np
 
 
 def first_special_token(n_vocab: int) -> int | None:
-    """<|endoftext|>, the first id after the text tokens; None for a non-Whisper vocabulary.
+    """<|endoftext|>, the first id after the text tokens; None for a vocabulary not Whisper's.
 
     Every id from it on is a control token (end of text, start, languages, tasks,
     timestamps): 1,608 of them in tiny.en and base. English-only vocabularies have
     50,256 text tokens (GPT-2's), multilingual ones 50,257.
     """
-    if n_vocab < 51864:
+    if not 51864 <= n_vocab <= 51866:  # English-only .. large-v3's extra language
         return None
     return 50257 if n_vocab >= 51865 else 50256
 
