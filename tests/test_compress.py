@@ -114,7 +114,7 @@ def test_weights_are_identified_by_value(tiny_weights):
     fused = "+".join(f"decoder.blocks.0.attn.{k}.weight" for k in ("query", "key", "value"))
     assert fused in layers
     chunks = [x for x in layers if x.startswith("decoder.token_embedding.weight[")]
-    assert chunks[0] == "decoder.token_embedding.weight[0:12576]" and len(chunks) == 5
+    assert chunks[0] == "decoder.token_embedding.weight[0:768]" and len(chunks) == 6
     special = next(w for w in dec if w.const == "token_embedding_special_rows")
     assert special.layer == "decoder.token_embedding.weight[50256:51864]" == chunks[-1]
     assert all(w.segments for w in dec), "every decoder weight matched a canonical one"
@@ -167,7 +167,7 @@ def test_recipes_match_by_canonical_name(tiny_weights):
     assert by_layer["decoder.blocks.1.mlp.0.weight"] == "pal4/g16"
     assert by_layer["decoder.blocks.1.attn.out.weight"] == "int8"
     assert by_layer["decoder.positional_embedding"] == "fp16"
-    assert by_layer["decoder.token_embedding.weight[0:12576]"] == "int8"
+    assert by_layer["decoder.token_embedding.weight[0:768]"] == "int8"
 
 
 # --------------------------------------------------------------- packages
@@ -313,7 +313,7 @@ def test_the_manifest_records_what_each_weight_became():
     record = model.manifest["compression"]
     layers = record["layers"]
     assert layers["encoder.blocks.0.mlp.0.weight"] == "int4/32"
-    assert layers["decoder.token_embedding.weight[0:12576]"] == "int8"  # the recipe's rule
+    assert layers["decoder.token_embedding.weight[0:768]"] == "int8"  # the recipe's rule
     assert layers["encoder.conv1.weight"] == "int8"  # 80 mel inputs cannot take blocks of 32
     assert record["seconds"] > 0
     summary = inspect_model("tiny.en-int4")["compression"]

@@ -12,6 +12,7 @@ activations are channels-first (B, C, T) and attention takes all heads at once
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,18 +56,30 @@ def control_chunk_start(n_vocab: int) -> int | None:
     return None if special is None else special - special % ROW_ALIGN
 
 
+#: Where the first text chunks of a Whisper vocabulary end. Its BPE ids follow the
+#: merge order, so the first rows are the commonest tokens, and they take most of
+#: the vocabulary's error when compressed: on tiny.en at 4 bits, rows [0:768) gave
+#: half of the first 12,576 rows' KL (benchmarks/RESULTS.md, session 9). Chunks of
+#: their own let a compression search give them more bits at little cost in size.
+FREQUENT_ROWS = (768, 3072)
+
+
 def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, int]]:
-    """(offset, rows) of the vocabulary chunks: near-equal text chunks, then the control tokens.
+    """(offset, rows) of the vocabulary chunks: text chunks, then the control tokens.
 
     ANE: no tensor dimension above 16384, so the vocabulary projection is split
-    into chunks whose logits are concatenated (or kept as separate outputs). The
+    into chunks whose logits are concatenated (or kept as separate outputs). In a
+    Whisper vocabulary the commonest tokens come first in chunks of their own
+    (`FREQUENT_ROWS`), the other text tokens follow in near-equal chunks, and the
     control tokens (end of text, languages, tasks, timestamps: 1,608 rows) get a
     chunk of their own, so compression can keep them apart: whether a segment ends
     is read from these rows, and at 4 bits base went on after the speech, filling
     the next window with a repeated sentence (benchmarks/RESULTS.md, session 7).
     """
     control = control_chunk_start(n_vocab)
-    text = n_vocab if control is None else control
+    tiers = [] if control is None else list(FREQUENT_ROWS)
+    start = tiers[-1] if tiers else 0
+    text = (n_vocab if control is None else control) - start
     units, rest = divmod(text, ROW_ALIGN)  # only a non-Whisper vocabulary leaves a rest
     n = math.ceil(text / limit)
     while True:
@@ -75,7 +88,8 @@ def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, i
         if max(sizes) <= limit:
             break
         n += 1
-    offsets = [sum(sizes[:i]) for i in range(n)]
+    sizes = [end - begin for begin, end in itertools.pairwise([0, *tiers])] + sizes
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     chunks = list(zip(offsets, sizes, strict=True))
     if control is not None:
         chunks.append((control, n_vocab - control))

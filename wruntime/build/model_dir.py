@@ -44,7 +44,7 @@ from wruntime.weights.canonical import ModelDims
 #: Bumped when the layout or manifest changes incompatibly; older directories are refused.
 FORMAT_VERSION = 1
 #: Bumped when the builder's programs change: part of the manifest, shown by `inspect`.
-BUILDER_VERSION = "1.5"
+BUILDER_VERSION = "1.6"
 TOKENIZER_DIR = "tokenizer"
 MODELS_DIR = "models"
 #: Written after a full hash check: each file's (size, mtime_ns) at that moment.
