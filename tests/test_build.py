@@ -175,6 +175,9 @@ def test_vocabulary_projection_chunks_stay_under_the_ane_limit(fp16_dir: ModelDi
     # The commonest tokens (the first BPE ids) come first, in small chunks of their own.
     assert [n for _, n in vocab_chunks(51865)] == [768, 2304, 15744, 15744, 15696, 1609]
     assert len(vocab_chunks(1000)) == 1  # not a Whisper vocabulary: nothing to set apart
+    small = vocab_chunks(51865, limit=2000)  # under the frequent chunks' 2,304 rows
+    assert max(n for _, n in small) <= 2000 and sum(n for _, n in small) == 51865
+    assert small[-1] == (50256, 1609)
     program = load_program(fp16_dir.package("decoder"))
     linears = [op for op in program.functions["main"].operations if op.op_type == "linear"]
     rows = [op.inputs["weight"].shape[0] for op in linears]

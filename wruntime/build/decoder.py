@@ -78,6 +78,8 @@ def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, i
     """
     control = control_chunk_start(n_vocab)
     tiers = [] if control is None else list(FREQUENT_ROWS)
+    if any(end - begin > limit for begin, end in itertools.pairwise([0, *tiers])):
+        tiers = []  # a limit under the frequent chunks' sizes: plain near-equal chunks
     start = tiers[-1] if tiers else 0
     text = (n_vocab if control is None else control) - start
     units, rest = divmod(text, ROW_ALIGN)  # only a non-Whisper vocabulary leaves a rest
