@@ -77,11 +77,12 @@ def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, i
     the next window with a repeated sentence (benchmarks/RESULTS.md, session 7).
     """
     control = control_chunk_start(n_vocab)
-    tiers = [] if control is None else list(FREQUENT_ROWS)
-    if any(end - begin > limit for begin, end in itertools.pairwise([0, *tiers])):
-        tiers = []  # a limit under the frequent chunks' sizes: plain near-equal chunks
-    start = tiers[-1] if tiers else 0
-    text = (n_vocab if control is None else control) - start
+    frequent = (
+        [] if control is None else [b - a for a, b in itertools.pairwise((0, *FREQUENT_ROWS))]
+    )
+    if any(rows > limit for rows in frequent):
+        frequent = []  # a limit under the frequent chunks' sizes: plain near-equal chunks
+    text = (n_vocab if control is None else control) - sum(frequent)
     units, rest = divmod(text, ROW_ALIGN)  # only a non-Whisper vocabulary leaves a rest
     n = math.ceil(text / limit)
     while True:
@@ -90,9 +91,8 @@ def vocab_chunks(n_vocab: int, limit: int = io.ANE_MAX_DIM) -> list[tuple[int, i
         if max(sizes) <= limit:
             break
         n += 1
-    sizes = [end - begin for begin, end in itertools.pairwise([0, *tiers])] + sizes
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    chunks = list(zip(offsets, sizes, strict=True))
+    sizes = frequent + sizes
+    chunks = list(zip(itertools.accumulate(sizes, initial=0), sizes, strict=False))
     if control is not None:
         chunks.append((control, n_vocab - control))
     return chunks
