@@ -1,8 +1,9 @@
 """python fb.py NAME SOURCE: transcribe's default decoding (fallback, seed 0) on every manifest file"""
 
 import sys
+from pathlib import Path
 
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DEFAULT_MANIFEST, read_manifest
 from compression_table import _transcripts
 

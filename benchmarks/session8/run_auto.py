@@ -2,8 +2,9 @@
 
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DEFAULT_MANIFEST, read_manifest
 from compression_table import _transcripts
 

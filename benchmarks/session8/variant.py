@@ -1,8 +1,9 @@
 """python variant.py ARCH FRACTION NAME LAYER=LABEL ... [cal]: the auto choice with some layers' rules replaced, built and transcribed"""
 
 import sys
+from pathlib import Path
 
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DEFAULT_MANIFEST, read_manifest
 from compression_table import _transcripts
 
